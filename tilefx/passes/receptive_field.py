@@ -1,0 +1,118 @@
+"""Receptive-field analysis: annotate every node with its spatial rule or barrier.
+
+An analysis pass in the manner of ``torch.fx.passes.shape_prop.ShapeProp`` (which it extends):
+it runs the graph once on an example input, writes ``node.meta["tensor_meta"]`` and
+``node.meta["tilefx"]`` (a frozen :class:`NodeFacts`), and never rewrites anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.fx import GraphModule, Node
+from torch.fx.passes.shape_prop import ShapeProp
+
+from ..errors import TilingError
+from ..spatial import Barrier, RuleContext, SpatialRule, rule_for
+
+__all__ = ["Provenance", "NodeFacts", "ReceptiveField", "annotate", "facts"]
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where a node the rewrite created came from: the original node and the new node's role."""
+
+    origin: str
+    role: str  # "op", "halo_crop", "write_tile", "input", "region_call", "region_output"
+
+
+@dataclass(frozen=True)
+class NodeFacts:
+    """What tilefx knows about one node: its rule (or barrier), its traced spatial sizes and,
+    for nodes a rewrite created, where they came from."""
+
+    rule: SpatialRule | Barrier
+    sizes: tuple[int, ...] | None
+    origin: Provenance | None = None
+
+    @property
+    def spatial(self) -> bool:
+        return isinstance(self.rule, SpatialRule)
+
+    @property
+    def reason(self) -> str | None:
+        return self.rule.reason if isinstance(self.rule, Barrier) else None
+
+
+class ReceptiveField(ShapeProp):
+    """ShapeProp that also writes ``node.meta["tilefx"]``.
+
+    >>> import torch, torch.fx
+    >>> gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1),
+    ...                                                  torch.nn.AdaptiveAvgPool2d(1)))
+    >>> _ = ReceptiveField(gm).propagate(torch.randn(1, 3, 8, 8))
+    >>> [n.meta["tilefx"].spatial for n in gm.graph.nodes if n.op == "call_module"]
+    [True, False]
+    """
+
+    def __init__(self, gm: GraphModule, nsp: int | None = None):
+        super().__init__(gm)
+        self.nsp = nsp
+
+    def propagate(self, *args: Any) -> Any:
+        if self.nsp is None:
+            x = next((a for a in args if isinstance(a, torch.Tensor)), None)
+            if x is None or x.dim() < 3:
+                raise TilingError(
+                    "tilefx needs a batched input of shape (N, C, *spatial) with 1 to 3 spatial "
+                    f"axes; got {None if x is None else tuple(x.shape)}. Add a batch axis "
+                    "(x.unsqueeze(0)) or pass the example input the model takes."
+                )
+            self.nsp = x.dim() - 2
+        return super().propagate(*args)
+
+    def run_node(self, n: Node) -> Any:
+        result = super().run_node(n)
+        n.meta["tilefx"] = _facts_of(n, self.module, self.nsp)
+        return result
+
+
+def _facts_of(n: Node, gm: GraphModule, nsp: int) -> NodeFacts:
+    module = gm.get_submodule(n.target) if n.op == "call_module" else None
+    ctx = RuleContext(n, module, nsp)
+    sizes = ctx.out_spatial
+    if n.op in ("placeholder", "get_attr", "output"):
+        return NodeFacts(Barrier(f"{n.op} node"), sizes)
+    rule = rule_for(n, module, nsp)
+    if isinstance(rule, SpatialRule):
+        # The table is checked against the traced shapes: a rule whose output extent disagrees
+        # with what the op really produced is a bug in the rule, and becomes a barrier.
+        ins = ctx.spatial(next(m for m in n.all_input_nodes if m.name == rule.inputs[0][0]))
+        if sizes is None or ins is None:
+            rule = Barrier("output is not a spatial tensor")
+        elif rule.out_sizes(ins) != sizes:
+            rule = Barrier(
+                f"rule {rule.op} predicts spatial size {rule.out_sizes(ins)} from {ins}, "
+                f"the op produced {sizes}"
+            )
+    return NodeFacts(rule, sizes)
+
+
+def annotate(gm: GraphModule, *example_inputs: Any) -> GraphModule:
+    """Run the receptive-field analysis on ``gm`` in place of its ``meta`` and return it."""
+    with torch.no_grad():
+        ReceptiveField(gm).propagate(*example_inputs)
+    return gm
+
+
+def facts(node: Node) -> NodeFacts:
+    """The facts the analysis wrote on ``node`` (raises if the pass has not run)."""
+    f = node.meta.get("tilefx")
+    if f is None:
+        raise TilingError(
+            f"node {node.format_node()} has no receptive-field facts; run "
+            "tilefx.passes.receptive_field.annotate(gm, x) first"
+        )
+    return f
