@@ -2,30 +2,295 @@
 
 from __future__ import annotations
 
+import math
+import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 from torch.fx import GraphModule
+from torch.utils._pytree import tree_flatten
 
 from .errors import TilingError
-from .passes.receptive_field import annotate
+from .passes.receptive_field import annotate, facts
 from .passes.tile_rewrite import tile_rewrite
-from .trace import trace
+from .region import TiledRegion
+from .trace import check_traced, trace
 
-__all__ = ["transform", "explain", "compare", "Comparison"]
+__all__ = ["transform", "explain", "compare", "Comparison", "reference_input"]
+
+#: Spatial extent of the reference input used when transform() is given no example.
+REFERENCE_EXTENT = {1: 4096, 2: 512, 3: 64}
+
+
+def reference_input(model: torch.nn.Module) -> torch.Tensor:
+    """A random input for ``model`` at the reference extent, from its first convolution.
+
+    >>> import torchvision
+    >>> tuple(reference_input(torchvision.models.resnet18()).shape)
+    (1, 3, 512, 512)
+    """
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.conv._ConvNd):
+            nsp = len(m.kernel_size)
+            w = m.weight
+            return torch.randn(1, m.in_channels, *(REFERENCE_EXTENT[nsp],) * nsp,
+                               dtype=w.dtype, device=w.device)
+    raise TilingError(
+        f"{type(model).__name__} has no convolution to infer its input from; pass example_input"
+    )
+
+
+_TRAIN_SENSITIVE = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.dropout._DropoutNd)
+
+
+def _check_eval_mode(gm: GraphModule) -> None:
+    """Refuse modules that behave differently in training mode, before anything runs them
+    (running a BatchNorm in training mode would update the caller's running statistics)."""
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            m = gm.get_submodule(n.target)
+            if isinstance(m, _TRAIN_SENSITIVE) and m.training:
+                raise TilingError(
+                    f"node {n.format_node()}: {type(m).__name__} is in training mode; tilefx "
+                    "tiles inference only: call model.eval() before tilefx.transform"
+                )
+
+
+def _check_rank(model: torch.nn.Module, x: Any) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TilingError(f"example_input must be a tensor, got {type(x).__name__}")
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.conv._ConvNd):
+            want = len(m.kernel_size) + 2
+            if x.dim() != want:
+                raise TilingError(
+                    f"example input has shape {tuple(x.shape)} but {type(model).__name__}'s first "
+                    f"convolution expects {want}-d input (N, C, *spatial); add the batch axis "
+                    "or pass the right example"
+                )
+            return
 
 
 def transform(model: torch.nn.Module, example_input: torch.Tensor | None = None, *,
-              merge: Any = None, tiles: Any = None, halo: bool = True) -> GraphModule:
-    gm = trace(model, example_input)
-    annotate(gm, example_input)
-    return tile_rewrite(gm, merge, tiles, halo=halo)
+              merge: Any = None, tiles: int | tuple[int, ...] | None = None, halo: bool = True,
+              plan: Any = None, memory_budget: int | None = None,
+              max_overhead: float | None = None) -> GraphModule:
+    """Return a GraphModule computing ``model``'s outputs with lower peak activation memory.
+
+    The early part of the network (the region before the merge node) runs tile by tile, each
+    tile with the halo its receptive field needs; outputs equal the model's to rounding.
+
+    Args:
+        model: an ``nn.Module`` in eval mode (or a ``torch.fx.GraphModule``).
+        example_input: the input to plan for; without it, a random input at a reference extent
+            (512x512 for 2-d nets) is used, and the result runs on any input that is at least
+            as large as the plan's minimum.
+        merge: a node name or a module's qualified name (``"layer2"``) before which the region
+            ends, or a list of them; default: chosen by the planner.
+        tiles: the tile grid, one count or one per spatial axis; default: chosen by the planner.
+        halo: ``False`` selects the approximate "splitting image" mode (no halos; see
+            :func:`compare` for its error). Never used unless asked.
+        plan: a :class:`tilefx.planner.Plan` from ``tilefx.planner.plan``.
+        memory_budget: bytes; the fastest plan whose predicted peak fits.
+        max_overhead: fraction of extra compute allowed; the lowest peak within it.
+
+    >>> import torch, torchvision, tilefx
+    >>> model = torchvision.models.resnet18().eval()
+    >>> x = torch.randn(1, 3, 256, 256)
+    >>> gm = tilefx.transform(model, x, merge="layer2", tiles=(2, 2))
+    >>> torch.testing.assert_close(gm(x), model(x))
+    >>> "tiled_region_0" in gm.code
+    True
+    """
+    x = example_input if example_input is not None else reference_input(model)
+    _check_rank(model, x)
+    gm = trace(model)
+    _check_eval_mode(gm)
+    check_traced(model, gm, x)
+    annotate(gm, x)
+    if plan is None:
+        plan = _choose(gm, x, merge, tiles, memory_budget, max_overhead)
+    out = gm
+    for choice in _regions(plan):
+        out = tile_rewrite(out, choice[0], choice[1], halo=halo)
+    if out is gm:  # nothing worth tiling: an untiled copy, still an ordinary GraphModule
+        out = GraphModule(gm, gm.graph, type(gm).__name__)
+    out.meta["tilefx_plan"] = plan
+    out.meta["tilefx_example_shape"] = tuple(x.shape)
+    return out
 
 
-def explain(gm):
-    pass
+def _regions(plan: Any) -> list[tuple[Any, Any]]:
+    if isinstance(plan, (list, tuple)):
+        return list(plan)
+    return [(tuple(r.merge), tuple(r.tiles)) for r in plan.regions]
 
 
-def compare(model, gm, x):
-    pass
+def _choose(gm, x, merge, tiles, memory_budget, max_overhead):
+    if merge is not None:
+        if tiles is None:
+            tiles = _default_grid(gm, merge, x)
+        return [(merge, tiles)]
+    try:
+        from . import planner
+    except ImportError:  # pragma: no cover - the planner ships with tilefx
+        planner = None
+    if planner is not None and hasattr(planner, "plan"):
+        kwargs = dict(memory_budget=memory_budget, max_overhead=max_overhead)
+        if tiles is not None:
+            kwargs["tiles"] = tiles
+        try:
+            return planner.plan(gm, x, **kwargs)
+        except TypeError:
+            kwargs.pop("tiles", None)
+            return planner.plan(gm, x, **kwargs)
+    raise TilingError("no planner available: pass merge= and tiles=")
+
+
+def _default_grid(gm: GraphModule, merge: Any, x: torch.Tensor) -> tuple[int, ...]:
+    """Four tiles per axis, fewer where the region output is too short."""
+    from .passes.tile_rewrite import find_region, resolve_merge
+
+    nsp = x.dim() - 2
+    _, outputs, _ = find_region(gm, resolve_merge(gm, merge))
+    shortest = [min(facts(o).sizes[a] for o in outputs) for a in range(nsp)]
+    return tuple(max(1, min(4, s)) for s in shortest)
+
+
+# --------------------------------------------------------------------------- explain
+
+
+def _regions_of(gm: GraphModule) -> list[tuple[str, TiledRegion]]:
+    return [(n, m) for n, m in gm.named_modules() if isinstance(m, TiledRegion)]
+
+
+def explain(gm: GraphModule, file: TextIO | None = sys.stdout) -> str:
+    """Print (and return) the plan of a transformed GraphModule.
+
+    For every tiled region: the merge node(s) reading it, the tile grid, the region's size,
+    its outputs, and the halo each tile carries at the planned input shape; then the
+    planner's predictions (peak memory, extra compute), when a planner chose the plan.
+
+    >>> import torch, torchvision, tilefx
+    >>> model = torchvision.models.resnet18().eval()
+    >>> gm = tilefx.transform(model, torch.randn(1, 3, 128, 128), merge="layer2", tiles=2)
+    >>> text = tilefx.explain(gm, file=None)
+    >>> "grid 2x2" in text
+    True
+    """
+    lines = []
+    shape = gm.meta.get("tilefx_example_shape")
+    regions = _regions_of(gm)
+    if not regions:
+        lines.append("untiled: no region lowered the predicted peak (the model runs as traced)")
+    by_target = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
+    for name, region in regions:
+        spec = region.spec
+        call = by_target.get(name)
+        readers = []
+        if call is not None:
+            for out in call.users:
+                readers.extend(u.name for u in out.users if u.name not in readers)
+        grid = "x".join(map(str, spec.grid))
+        mode = "exact (halo)" if region.halo else "APPROXIMATE (no halo)"
+        lines.append(f"{name}: {len(spec.nodes)} nodes tiled on a grid {grid}, {mode}")
+        lines.append(f"  merge node(s): {', '.join(readers[:6]) or '-'}"
+                     + (" ..." if len(readers) > 6 else ""))
+        lines.append(f"  region outputs: {', '.join(spec.outputs)}")
+        if shape is not None and region.halo and call is not None:
+            lines.extend("  " + s for s in _halo_lines(region, call, shape))
+    plan = gm.meta.get("tilefx_plan")
+    if plan is not None and hasattr(plan, "peak_bytes"):
+        lines.append(f"predicted peak: {_mib(plan.peak_bytes)} tiled vs "
+                     f"{_mib(plan.baseline_peak_bytes)} untiled "
+                     f"({plan.baseline_peak_bytes / max(plan.peak_bytes, 1):.1f}x lower); "
+                     f"extra compute {plan.extra_compute:+.1%}")
+    text = "\n".join(lines)
+    if file is not None:
+        print(text, file=file)
+    return text
+
+
+def _mib(b: float) -> str:
+    return f"{b / 2**20:.1f} MiB"
+
+
+def _halo_lines(region: TiledRegion, call, shape) -> list[str]:
+    spec = region.spec
+    nsp = spec.nsp
+    sizes = {}
+    for name, arg in zip(spec.inputs, (call.args[i] for i in region.spatial_args)):
+        tm = arg.meta.get("tensor_meta")
+        sizes[name] = tuple(tm.shape[-nsp:]) if tm is not None else tuple(shape[-nsp:])
+    sched = region.schedule_for(sizes)
+    first = spec.inputs[0]
+    # The input window each tile reads: the hull of its consumers' crops.
+    reads = []
+    for tile in sched.tiles:
+        lo = [math.inf] * nsp
+        hi = [-math.inf] * nsp
+        for key, table in tile.crops.items():
+            if key.endswith("<-" + first):
+                for a, t in enumerate(table):
+                    if t[0] == "slice":
+                        lo[a] = min(lo[a], t[1] - t[3])
+                        hi[a] = max(hi[a], t[2] + t[4])
+        reads.append(tuple(h - l for l, h in zip(lo, hi)))
+    share = tuple(-(-L // g) for L, g in zip(sizes[first], spec.grid))
+    widest = tuple(max(r[a] for r in reads) for a in range(nsp))
+    return [
+        f"input {first} {'x'.join(map(str, sizes[first]))}: each tile reads up to "
+        f"{'x'.join(map(str, widest))} for a share of {'x'.join(map(str, share))} "
+        f"(halo up to +{max(w - s for w, s in zip(widest, share))} px per axis)"
+    ]
+
+
+# --------------------------------------------------------------------------- compare
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """How far a transformed module's output is from the model's."""
+
+    max_abs: float
+    rel_l2: float
+    top1_agreement: float | None
+
+    def __str__(self) -> str:
+        top1 = "n/a" if self.top1_agreement is None else f"{self.top1_agreement:.1%}"
+        return f"max abs error {self.max_abs:.3g}, relative L2 {self.rel_l2:.3g}, top-1 agreement {top1}"
+
+
+def compare(model: torch.nn.Module, gm: torch.nn.Module, x: torch.Tensor) -> Comparison:
+    """Run both on ``x`` and report max abs error, relative L2 error and top-1 agreement.
+
+    Top-1 agreement is the fraction of positions where the argmax over dim 1 (classes) agrees;
+    for a halo (exact) transform it is 100% and the errors are rounding.
+
+    >>> import torch, torchvision, tilefx
+    >>> model = torchvision.models.resnet18().eval()
+    >>> x = torch.randn(1, 3, 128, 128)
+    >>> gm = tilefx.transform(model, x, merge="layer2", tiles=2, halo=False)
+    >>> c = tilefx.compare(model, gm, x)
+    >>> c.max_abs > 0
+    True
+    """
+    with torch.no_grad():
+        want, _ = tree_flatten(model(x))
+        got, _ = tree_flatten(gm(x))
+    want = [t for t in want if isinstance(t, torch.Tensor)]
+    got = [t for t in got if isinstance(t, torch.Tensor)]
+    if len(want) != len(got) or any(a.shape != b.shape for a, b in zip(want, got)):
+        raise TilingError("the transformed module's outputs do not match the model's in structure")
+    max_abs, num, den, agree, total = 0.0, 0.0, 0.0, 0, 0
+    for a, b in zip(want, got):
+        a64, b64 = a.double(), b.double()
+        max_abs = max(max_abs, (a64 - b64).abs().max().item() if a.numel() else 0.0)
+        num += (a64 - b64).pow(2).sum().item()
+        den += a64.pow(2).sum().item()
+        if a.dim() >= 2 and a.shape[1] > 1 and a.is_floating_point():
+            agree += (a.argmax(1) == b.argmax(1)).sum().item()
+            total += a.argmax(1).numel()
+    return Comparison(max_abs, math.sqrt(num / den) if den else 0.0,
+                      agree / total if total else None)

@@ -180,6 +180,7 @@ class TiledRegion(nn.Module):
         key = tuple(sorted(input_sizes.items()))
         sched = self._schedules.get(key)
         if sched is None:
+            extents(self.spec, input_sizes)  # shape errors of the rules themselves first
             try:
                 sched = schedule(self.spec, input_sizes)
             except TilingError as e:

@@ -393,7 +393,8 @@ def _interp_rule(ctx, op, x, size, scale, mode, align_corners, recompute) -> Spa
     else:
         # An output size fixed at trace time (or recomputed scales): the map is only valid for
         # the traced sizes, so the rule fixes the output length.
-        maps = tuple(Interp(axis_mode, bool(align_corners), None, o) for o in out)
+        ins = ctx.spatial(x) or (None,) * nsp
+        maps = tuple(Interp(axis_mode, bool(align_corners), None, o, i) for o, i in zip(out, ins))
     return _window_rule(ctx, op, x, maps, None, "interp", {})
 
 

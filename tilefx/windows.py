@@ -95,9 +95,18 @@ class Interp:
     align_corners: bool = False
     scale: float | None = None
     size: int | None = None
+    traced_in: int | None = None  # with ``size``: the input length the size was fixed for
 
     def out_len(self, n: int) -> int:
         if self.size is not None:
+            if self.traced_in is not None and n != self.traced_in:
+                from .errors import TilingError
+
+                raise TilingError(
+                    f"an interpolation in the region has its output size {self.size} fixed at "
+                    f"trace time for input length {self.traced_in}, and this input gives "
+                    f"{n}; call tilefx.transform again with an example of this shape"
+                )
             return self.size
         return int(math.floor(n * self.scale))
 

@@ -256,13 +256,14 @@ class _BodyBuilder:
         return self.value(u)
 
 
-def _approx_graph(region: list[Node], outputs: list[Node], placeholders: list[Node]) -> Graph:
-    """The region's original ops as a standalone graph (for the approximate halo-free mode)."""
+def _approx_graph(nodes: list[Node], outputs: list[Node], placeholders: list[Node]) -> Graph:
+    """The region's original ops (and the shape queries they read) as a standalone graph, for
+    the approximate halo-free mode."""
     g = Graph()
     env: dict[Node, Node] = {}
     for p in placeholders:
         env[p] = g.placeholder(p.name)
-    for n in region:
+    for n in nodes:
         for u in n.all_input_nodes:
             if u not in env and u.op == "get_attr":
                 env[u] = g.get_attr(u.target)
@@ -312,7 +313,9 @@ def tile_rewrite(gm: GraphModule, merge: Any, tiles: int | Iterable[int], halo: 
         b.emit(n)
     b.g.output(None)
     body = GraphModule(gm, b.g, class_name="TileBody")
-    approx = GraphModule(gm, _approx_graph(region, outputs, placeholders), class_name="RegionGraph")
+    approx_nodes = [n for n in gm.graph.nodes if n in in_region or n in absorbed]
+    approx = GraphModule(gm, _approx_graph(approx_nodes, outputs, placeholders),
+                         class_name="RegionGraph")
 
     spec = RegionSpec(
         nsp=nsp,
