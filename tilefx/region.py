@@ -55,6 +55,10 @@ def halo_crop(x: torch.Tensor, tile: TileWindows, key: str, mode: str = "constan
     if any(p for pair in pads for p in pair):
         flat = [v for pair in reversed(pads) for v in pair]
         x = F.pad(x, flat, mode="constant", value=value)
+    elif not x.is_contiguous():
+        # oneDNN convolves a strided view through a slow path (a 1x1 convolution of a narrowed
+        # window ran ~100x slower than of its contiguous copy); the copy costs a crop's bytes.
+        x = x.contiguous()
     return x
 
 
@@ -95,8 +99,12 @@ def window_interpolate(x: torch.Tensor, tile: TileWindows, name: str) -> torch.T
     """
     table = tile.extra[name]
     base = x.dim() - len(table)
-    for ax, (linear, i0, i1, lam) in enumerate(table):
+    for ax, entry in enumerate(table):
         dim = base + ax
+        if entry[0] == "aten":
+            x = x.index_select(dim, _aten_nearest(x, len(table), ax, *entry[1:]))
+            continue
+        linear, i0, i1, lam = entry
         a = x.index_select(dim, _index(x, i0))
         if linear:
             b = x.index_select(dim, _index(x, i1))
@@ -108,9 +116,52 @@ def window_interpolate(x: torch.Tensor, tile: TileWindows, name: str) -> torch.T
     return x
 
 
-def window_avg_pool(x: torch.Tensor, tile: TileWindows, name: str, fn: Any, kernel_size: tuple,
+_AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
+
+
+_NEAREST_CACHE: dict[tuple, tuple[int, ...]] = {}
+
+
+def _aten_nearest(x: torch.Tensor, nsp: int, axis: int, mode: str, scale: float | None,
+                  n_in: int, n_out: int, a: int, b: int, t0: int, t1: int) -> torch.Tensor:
+    """Local indices of the rows output ``[a, b)`` reads, as ATen itself picks them.
+
+    ATen's nearest index depends on the kernel (rank, dtype, device: it rounds in float32 and
+    has shortcuts), so the indices come from interpolating an index ramp with the same rank,
+    scale or size, dtype and device, once per key. Reduced-precision ramps are not exact, and
+    those kernels compute indices in float32, so they take a float32 ramp.
+    """
+    dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    key = (mode, scale, n_in, n_out, nsp, axis, dtype, x.device)
+    full = _NEAREST_CACHE.get(key)
+    if full is None:
+        shape = [1] * nsp
+        shape[axis] = n_in
+        ramp = torch.arange(n_in, dtype=dtype, device=x.device).view(1, 1, *shape)
+        if scale is not None:
+            sf = [1.0] * nsp
+            sf[axis] = scale
+            y = F.interpolate(ramp, scale_factor=sf, mode=mode)
+        else:
+            size = [1] * nsp
+            size[axis] = n_out
+            y = F.interpolate(ramp, size=size, mode=mode)
+        full = _NEAREST_CACHE[key] = tuple(int(v) for v in y.reshape(-1).tolist())
+    idx = full[a:b]
+    if any(not t0 <= i < t1 for i in idx):  # in_window is too narrow: never read a wrong row
+        raise TilingError(
+            f"nearest interpolation reads rows {min(idx)}..{max(idx)} outside the tile's window "
+            f"[{t0}, {t1}) (axis {axis}, {n_in} -> {n_out}); please report this as a tilefx bug"
+        )
+    return torch.tensor([i - t0 for i in idx], dtype=torch.long, device=x.device)
+
+
+def window_avg_pool(x: torch.Tensor, tile: TileWindows, name: str, kernel_size: tuple,
                     stride: tuple, divisor_override: int | None) -> torch.Tensor:
     """Average pooling of a zero-padded window, with PyTorch's divisor at the map's edges."""
+    # The pooling function is looked up here, not passed in: fx cannot print a builtin
+    # (F.avg_pool2d) as a node argument, so a body graph holding one would not compile.
+    fn = _AVG_POOL[len(kernel_size)]
     mask = tile.extra.get(name)
     y = fn(x, kernel_size, stride, 0)
     if divisor_override:

@@ -305,9 +305,15 @@ def maxpool_module(ctx: RuleContext) -> SpatialRule | Barrier:
                       m.padding, m.dilation, m.ceil_mode, "max", {})
 
 
+def _max_pool_signature(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+                        return_indices=False):
+    """F.max_pool{1,2,3}d's parameters (the public functions are boolean_dispatch wrappers
+    whose own signature is ``(*args, **kwargs)``, which binds nothing)."""
+
+
 def maxpool_function(ctx: RuleContext) -> SpatialRule | Barrier:
     fn = ctx.node.target
-    a = ctx.bind(fn)
+    a = ctx.bind(_max_pool_signature)
     if a.get("return_indices"):
         return Barrier("max pooling with return_indices")
     return _pool_rule(ctx, fn.__name__, a["input"], a["kernel_size"], a["stride"], a["padding"],
@@ -422,7 +428,7 @@ def pixel_shuffle(ctx: RuleContext) -> SpatialRule | Barrier:
     if down:
         maps = (Affine(k=r, s=r),) * 2
     else:
-        maps = (Interp("nearest", False, float(r)),) * 2
+        maps = (Interp("block", False, float(r)),) * 2
     return _window_rule(ctx, "pixel_unshuffle" if down else "pixel_shuffle", node.args[0], maps,
                         None, "shuffle", dict(factor=r, down=down))
 

@@ -137,10 +137,14 @@ def _crop_table(target: Window, have: Window, n: tuple[int, ...], pad) -> tuple:
 
 
 def _interp_table(rn: RegionNode, maps, win: Window, target: Window, sizes) -> tuple:
-    """Per axis: local source indices and weights for each output position of ``win``."""
+    """Per axis: local source indices and weights for each output position of ``win``, or, for
+    nearest modes, what the body needs to take ATen's own indices (see ``Interp``)."""
     axes = []
-    for m, (a, b), (t0, _), li, lo in zip(maps, win, target, sizes[rn.sources[0]], sizes[rn.name]):
+    for m, (a, b), (t0, t1), li, lo in zip(maps, win, target, sizes[rn.sources[0]], sizes[rn.name]):
         assert isinstance(m, Interp)
+        if m.mode in ("nearest", "nearest-exact"):
+            axes.append(("aten", m.mode, m.scale, li, lo, a, b, t0, t1))
+            continue
         src = [m.source(d, li, lo) for d in range(a, b)]
         axes.append((m.mode == "linear", tuple(s[0] - t0 for s in src),
                      tuple(s[1] - t0 for s in src), tuple(s[2] for s in src)))

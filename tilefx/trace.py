@@ -90,6 +90,12 @@ def check_traced(model: torch.nn.Module, gm: torch.fx.GraphModule, x: Any) -> No
         if isinstance(a, torch.Tensor):
             ok = isinstance(b, torch.Tensor) and a.shape == b.shape and torch.allclose(
                 a, b, rtol=1e-4, atol=1e-5, equal_nan=True)
+    if not ok and any(m.training for m in model.modules()):
+        raise TilingError(
+            f"the fx trace of {type(model).__name__} computes something else than the model on "
+            "the example input, and the model is in training mode (dropout is random, batch "
+            "norm uses batch statistics); tilefx tiles inference only: call model.eval() first"
+        )
     if not ok:
         raise TilingError(
             f"the fx trace of {type(model).__name__} computes something else than the model on "

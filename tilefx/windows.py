@@ -86,9 +86,16 @@ class Interp:
     """Interpolation (``F.interpolate`` / ``nn.Upsample``) along one axis.
 
     ``mode`` is ``"nearest"``, ``"nearest-exact"`` or ``"linear"`` (the per-axis part of
-    bilinear and trilinear). ``scale`` is the user's scale factor when the op was given one
+    bilinear and trilinear), or ``"block"`` (pixel shuffle: output ``d`` reads input
+    ``d // scale``, exactly). ``scale`` is the user's scale factor when the op was given one
     (PyTorch then maps coordinates with ``1/scale``), else None (it uses ``n_in/n_out``).
     ``size`` is a fixed output length, when the op was given one.
+
+    ATen computes nearest source indices in the tensor's own floating type (``float32`` for
+    float tensors, with shortcuts for equal and doubled sizes in some kernels), so its index can
+    differ by one from the exact quotient. :meth:`source` is the exact quotient;
+    :meth:`in_window` covers both, and the tile body takes ATen's own indices at run time
+    (``region.window_interpolate``).
     """
 
     mode: str
@@ -123,6 +130,10 @@ class Interp:
         Mirrors ATen's ``area_pixel_compute_source_index`` and ``nearest_idx`` (computed in
         float64 here; ATen uses the tensor's accumulate type, so results agree to rounding).
         """
+        if self.mode == "block":
+            return dst // round(self.scale), dst // round(self.scale), 0.0
+        if self.mode == "linear" and n_out == n_in:
+            return dst, dst, 0.0  # ATen copies an axis whose size does not change
         r = self._ratio(n_in, n_out)
         if self.mode == "nearest":
             i = min(int(math.floor(dst * r)), n_in - 1)
@@ -138,6 +149,14 @@ class Interp:
     def in_window(self, a: int, b: int, n_in: int, n_out: int) -> tuple[int, int]:
         lo = self.source(a, n_in, n_out)[0]
         hi = self.source(b - 1, n_in, n_out)[1] + 1
+        if self.mode in ("nearest", "nearest-exact"):
+            # One more row each side for ATen's rounding, and the rows of its shortcuts.
+            lo, hi = lo - 1, hi + 1
+            if n_out == n_in:
+                lo, hi = min(lo, a), max(hi, b)
+            elif n_out == 2 * n_in:
+                lo, hi = min(lo, a // 2), max(hi, (b - 1) // 2 + 1)
+            lo, hi = max(lo, 0), min(hi, n_in)
         return lo, hi
 
 

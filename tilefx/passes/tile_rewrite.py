@@ -20,7 +20,7 @@ from ..errors import TilingError
 from ..region import (TiledRegion, add_channel_bias, halo_crop, window_avg_pool, window_interpolate,
                       window_view, write_tile)
 from ..spatial import Barrier, SpatialRule
-from ..tiling import RegionNode, RegionSpec, crop_key
+from ..tiling import RegionNode, RegionSpec, crop_key, min_input_extent
 from .receptive_field import NodeFacts, Provenance, facts
 
 import networkx as nx
@@ -204,7 +204,7 @@ class _BodyBuilder:
                                  dilation=a["dilation"]), name=n.name, origin=n.name)
         elif low == "avgpool":
             out = self.node("call_function", window_avg_pool,
-                            (x, self.tile, n.name, a["fn"], a["kernel_size"], a["stride"],
+                            (x, self.tile, n.name, a["kernel_size"], a["stride"],
                              a["divisor_override"]), name=n.name, origin=n.name)
         elif low == "pad":
             out = x
@@ -324,6 +324,7 @@ def tile_rewrite(gm: GraphModule, merge: Any, tiles: int | Iterable[int], halo: 
         outputs=tuple(o.name for o in outputs),
         grid=tuple(int(t) for t in grid),
     )
+    _check_grid(spec, outputs, spatial_inputs)
     module = TiledRegion(body, spec, tuple(placeholders.index(p) for p in spatial_inputs),
                          approx_body=approx, halo=halo)
 
@@ -368,6 +369,24 @@ def tile_rewrite(gm: GraphModule, merge: Any, tiles: int | Iterable[int], halo: 
     out.graph.lint()
     out.recompile()
     return out
+
+
+def _check_grid(spec: RegionSpec, outputs: list[Node], inputs: list[Node]) -> None:
+    """Refuse, at rewrite time, a grid finer than a region output at the traced shape."""
+    for o in outputs:
+        sizes = facts(o).sizes
+        if all(L >= t for L, t in zip(sizes, spec.grid)):
+            continue
+        fits = tuple(min(t, min(facts(u).sizes[a] for u in outputs)) for a, t in enumerate(spec.grid))
+        traced = {p.name: facts(p).sizes for p in inputs}
+        try:
+            minimum = f"; or an input of spatial extent at least {min_input_extent(spec, traced)}"
+        except Exception:  # pragma: no cover - the message without the minimum still helps
+            minimum = ""
+        raise TilingError(
+            f"the tile grid {spec.grid} is too fine: region output {o.format_node()} is only "
+            f"{sizes} at the example input's shape. Use at most {fits} tiles{minimum}"
+        )
 
 
 def _fetch(gm: torch.nn.Module, target: str) -> Any:

@@ -1,0 +1,80 @@
+"""Shared test configuration: hypothesis profiles and the ``slow`` marker.
+
+Hypothesis: the "ci" profile (derandomized, no deadline, a modest example count, failing
+examples printed as reproduction blobs) is loaded when the ``CI`` environment variable is set;
+"dev" otherwise. ``HYPOTHESIS_PROFILE`` overrides both.
+
+``@pytest.mark.slow`` tests (the full model zoo) are skipped unless ``-m slow`` selects them or
+``RUN_SLOW=1`` is set.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    deadline=None,
+    max_examples=25,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile(
+    "dev",
+    deadline=None,
+    max_examples=40,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: long-running tests (full model zoo); -m slow or RUN_SLOW=1")
+
+
+def _slow_selected(config: pytest.Config) -> bool:
+    if os.environ.get("RUN_SLOW", "") not in ("", "0"):
+        return True
+    expr = config.getoption("-m") or ""
+    return "slow" in expr and "not slow" not in expr
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if _slow_selected(config):
+        return
+    skip = pytest.mark.skip(reason="slow: run with -m slow or RUN_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_seed():
+    """Every test starts from the same random state, so a failure reproduces alone."""
+    torch.manual_seed(0)
+    yield
+
+
+# --------------------------------------------------------------------------- shared helpers
+# Imported by the core test files as ``from conftest import ...`` (tests/ is on sys.path).
+
+#: float64: tiles and the whole map run the same kernels on the same values; only the order
+#: of a convolution's inner sum may differ with the window's shape, so errors are ~1e-15.
+TIGHT = dict(rtol=1e-10, atol=1e-12)
+#: float32: the same reorderings cost ~1e-6 relative per layer; a few layers stay under 1e-5.
+FLOAT32 = dict(rtol=1e-5, atol=1e-5)
+
+
+def run_both(model: torch.nn.Module, x: torch.Tensor, merge, tiles, **kw):
+    """Transform ``model`` and return (tiled output, eager output, transformed gm)."""
+    import tilefx
+
+    gm = tilefx.transform(model, x, merge=merge, tiles=tiles, **kw)
+    with torch.no_grad():
+        return gm(x), model(x), gm

@@ -1,0 +1,203 @@
+"""Bad input gives a TilingError (a ValueError) that names the node and says the way out."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import tilefx
+from tilefx import TilingError
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, 2, 1)
+        self.bn = nn.BatchNorm2d(8)
+        self.drop = nn.Dropout(0.2)
+        self.body = nn.Conv2d(8, 8, 3, 2, 1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = self.body(self.drop(F.relu(self.bn(self.stem(x)))))
+        return self.fc(torch.flatten(self.pool(y), 1))
+
+
+@pytest.fixture
+def x():
+    return torch.randn(1, 3, 32, 32)
+
+
+def test_is_value_error():
+    assert issubclass(TilingError, ValueError)
+
+
+def test_merge_that_does_not_exist(x):
+    with pytest.raises(TilingError, match=r"merge='layer9' is neither a node nor a module") as e:
+        tilefx.transform(Net().eval(), x, merge="layer9", tiles=2)
+    assert "qualified name such as" in str(e.value) and "'stem'" in str(e.value)
+
+
+@pytest.mark.parametrize("merge", ["fc", "flatten"])
+def test_merge_reading_no_spatial_tensor(x, merge):
+    """fc reads flatten's output, flatten reads the adaptive pool's: no spatial tensor."""
+    with pytest.raises(TilingError, match="reads no spatial tensor") as e:
+        tilefx.transform(Net().eval(), x, merge=merge, tiles=2)
+    msg = str(e.value)
+    assert f"%{merge} : " in msg  # the node, formatted
+    assert "choose a node earlier" in msg
+
+
+def test_merge_on_graph_input(x):
+    with pytest.raises(TilingError, match="%stem : .*reads no spatial tensor"):
+        tilefx.transform(Net().eval(), x, merge="stem", tiles=2)
+
+
+def test_merge_at_global_pool_is_fine(x):
+    """A barrier as the merge node is the normal case: it reads the full-size map."""
+    model = Net().eval()
+    gm = tilefx.transform(model, x, merge="pool", tiles=2)
+    torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)  # float32 reorderings
+
+
+def test_grid_too_fine_says_minimum(x):
+    with pytest.raises(TilingError, match="too fine") as e:
+        tilefx.transform(Net().eval(), x, merge="pool", tiles=(16, 3))
+    msg = str(e.value)
+    assert "%body : " in msg  # the region output it does not fit
+    assert "at most (8, 3) tiles" in msg
+    assert "at least (" in msg
+
+
+@pytest.mark.parametrize("tiles", [0, (2, 2, 2), (2, -1)])
+def test_bad_tile_counts(x, tiles):
+    with pytest.raises(TilingError, match="one positive count or one per spatial axis"):
+        tilefx.transform(Net().eval(), x, merge="pool", tiles=tiles)
+
+
+def test_batchnorm_training_mode(x):
+    with pytest.raises(TilingError, match=r"%bn : .*BatchNorm2d is in training mode.*model\.eval\(\)"):
+        tilefx.transform(Net().train(), x, merge="pool", tiles=2)
+
+
+def test_dropout_training_mode(x):
+    model = Net().eval()
+    model.drop.train()
+    with pytest.raises(TilingError, match=r"%drop : .*Dropout is in training mode.*model\.eval\(\)"):
+        tilefx.transform(model, x, merge="pool", tiles=2)
+
+
+def test_functional_dropout_training_mode(x):
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+            self.head = nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            return self.head(F.dropout(self.conv(x), 0.5, self.training))
+
+    with pytest.raises(TilingError, match=r"training mode.*model\.eval\(\)"):
+        tilefx.transform(M().train(), x, merge="head", tiles=2)
+    model = M().eval()
+    gm = tilefx.transform(model, x, merge="head", tiles=2)
+    torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)  # float32 reorderings
+
+
+def test_training_mode_does_not_touch_running_stats(x):
+    model = Net().train()
+    before = model.bn.running_mean.clone()
+    with pytest.raises(TilingError):
+        tilefx.transform(model, x, merge="pool", tiles=2)
+    assert torch.equal(model.bn.running_mean, before)
+
+
+def test_untraceable_data_dependent_control_flow(x):
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+            self.head = nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            if y.sum() > 0:
+                y = y * 2
+            return self.head(y)
+
+    with pytest.raises(TilingError, match="cannot trace M.*control flow.*traceable") as e:
+        tilefx.transform(M().eval(), x, merge="head", tiles=2)
+    assert isinstance(e.value.__cause__, Exception)  # the tracer's own error is kept
+
+
+def test_untraceable_submodule_becomes_leaf_and_is_a_barrier(x):
+    class Gate(nn.Module):
+        def forward(self, y):
+            return y * 2 if y.sum() > 0 else y
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+            self.gate = Gate()
+            self.head = nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            return self.head(self.gate(self.conv(x)))
+
+    model = M().eval()
+    # The leaf is opaque: a barrier, so the region ends before it (merge at the leaf works).
+    gm = tilefx.transform(model, x, merge="gate", tiles=2)
+    torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)  # float32 reorderings
+    with pytest.raises(TilingError, match="reads no spatial tensor"):
+        tilefx.transform(model, x, merge="head", tiles=2)
+
+
+@pytest.mark.parametrize("shape", [(3, 32, 32), (1, 3, 4, 32, 32), (32, 32)])
+def test_input_of_wrong_rank(shape):
+    with pytest.raises(TilingError, match=r"expects 4-d input \(N, C, \*spatial\)"):
+        tilefx.transform(Net().eval(), torch.randn(shape), merge="pool", tiles=2)
+
+
+def test_run_on_input_smaller_than_minimum(x):
+    model = Net().eval()
+    gm = tilefx.transform(model, x, merge="pool", tiles=(4, 4))
+    gm(torch.randn(1, 3, 25, 27))  # still fits: the region output is 7x7
+    with pytest.raises(TilingError, match=r"smallest input this tile grid \(4, 4\) fits is spatial "
+                                          r"extent \(13, 13\); got \(12, 40\)"):
+        gm(torch.randn(1, 3, 12, 40))
+
+
+def test_run_with_wrong_rank_after_transform(x):
+    gm = tilefx.transform(Net().eval(), x, merge="pool", tiles=2)
+    with pytest.raises(TilingError, match="needs \\(N, C, \\*spatial\\) with 2 spatial axes"):
+        gm(torch.randn(3, 32, 32))
+
+
+def test_fixed_size_interpolation_refuses_other_shapes():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+            self.head = nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            return self.head(F.interpolate(self.conv(x), size=(40, 40)))
+
+    model = M().eval()
+    x = torch.randn(1, 3, 20, 20)
+    gm = tilefx.transform(model, x, merge="head", tiles=2)
+    torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)  # float32 reorderings
+    with pytest.raises(TilingError, match="fixed at trace time.*call tilefx.transform again"):
+        gm(torch.randn(1, 3, 24, 24))
+
+
+def test_annotate_required_before_rewrite(x):
+    from tilefx.passes.tile_rewrite import tile_rewrite
+    from tilefx.trace import trace
+
+    with pytest.raises(TilingError, match="no receptive-field facts; run .*annotate"):
+        tile_rewrite(trace(Net().eval()), "pool", 2)

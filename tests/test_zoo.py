@@ -1,0 +1,141 @@
+"""Model coverage over torchvision's zoos: every model tiled on a 2x2 (2x2x2) grid equals eager.
+
+For each model the test picks the deepest merge it can (:func:`pick_merge`: the barrier or
+output node whose region is largest while every region output still fits the grid), tiles it
+and compares with eager. Models tilefx refuses are listed in :data:`EXPECTED_REFUSALS` with
+the reason tilefx gives; a listed model that starts to tile, or an unlisted one that is
+refused, fails the test. The default run covers a representative subset; the whole zoo is
+``@pytest.mark.slow`` (``-m slow`` or ``RUN_SLOW=1``).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torchvision
+from torch.utils._pytree import tree_flatten
+from torchvision import models
+
+import tilefx
+from tilefx import TilingError
+from tilefx.passes.receptive_field import annotate, facts
+from tilefx.passes.tile_rewrite import find_region
+from tilefx.region import TiledRegion
+from tilefx.trace import trace
+
+CLASSIFICATION = models.list_models(module=models)
+SEGMENTATION = models.list_models(module=models.segmentation)
+VIDEO = models.list_models(module=models.video)
+
+#: A representative subset, fast enough for every run (a few minutes on 2 cores in all).
+DEFAULT = [
+    "resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "vgg11", "densenet121",
+    "efficientnet_b0", "regnet_y_400mf", "shufflenet_v2_x0_5", "squeezenet1_0", "googlenet",
+    "inception_v3", "convnext_tiny", "mnasnet0_5", "resnext50_32x4d", "wide_resnet50_2",
+    "alexnet", "swin_t", "fcn_resnet50", "deeplabv3_mobilenet_v3_large",
+    "lraspp_mobilenet_v3_large", "r3d_18", "mc3_18", "r2plus1d_18",
+]
+
+#: Input shapes other than the default (1, 3, 64, 64) / (1, 3, 8, 64, 64): the models' own
+#: minimum sizes (fixed image sizes of ViTs, window sizes of MaxViT and MViT, inception's 75px).
+INPUT_SHAPES = {
+    "inception_v3": (1, 3, 80, 80),
+    "maxvit_t": (1, 3, 224, 224),
+    **{n: (1, 3, 224, 224) for n in CLASSIFICATION if n.startswith("vit_")},
+    "vit_h_14": (1, 3, 224, 224),
+    "mvit_v1_b": (1, 3, 16, 224, 224),
+    "mvit_v2_s": (1, 3, 16, 224, 224),
+    "s3d": (1, 3, 16, 64, 64),
+}
+
+#: Models tilefx refuses to tile, and why (the reason tilefx gives).
+EXPECTED_REFUSALS: dict[str, str] = {}
+
+
+def build(name: str) -> torch.nn.Module:
+    kw = {}
+    if name in ("googlenet", "inception_v3"):
+        kw = dict(aux_logits=False, init_weights=False)
+    if name in SEGMENTATION:
+        kw = dict(weights_backbone=None, aux_loss=False)
+    torch.manual_seed(0)
+    return models.get_model(name, weights=None, **kw).eval()
+
+
+def example(name: str) -> torch.Tensor:
+    shape = INPUT_SHAPES.get(name, (1, 3, 8, 64, 64) if name in VIDEO else (1, 3, 64, 64))
+    return torch.randn(shape)
+
+
+def pick_merge(gm: torch.fx.GraphModule, grid: tuple[int, ...]) -> tuple[str, int]:
+    """The deepest merge for ``grid``: the node whose region (the spatial ancestors of its
+    inputs) is largest while every region output still fits the grid.
+
+    Returns (merge node name, region size); raises TilingError when no node qualifies.
+    """
+    best = None
+    for n in gm.graph.nodes:
+        if n.op in ("placeholder", "get_attr"):
+            continue
+        reads = [u for u in n.all_input_nodes if facts(u).spatial]
+        if not reads or any(L < t for u in reads for L, t in zip(facts(u).sizes, grid)):
+            continue
+        region, outputs, _ = find_region(gm, [n])
+        if region and all(all(L >= t for L, t in zip(facts(o).sizes, grid)) for o in outputs):
+            if best is None or len(region) > best[1]:
+                best = (n.name, len(region))
+    if best is None:
+        raise TilingError(f"no merge node has a region whose outputs fit the grid {grid}")
+    return best
+
+
+def _flat(out):
+    return [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+
+
+def check_model(name: str) -> None:
+    model = build(name)
+    x = example(name)
+    grid = (2,) * (x.dim() - 2)
+    try:
+        gm0 = annotate(trace(model), x)
+        merge, size = pick_merge(gm0, grid)
+        gm = tilefx.transform(model, x, merge=merge, tiles=grid)
+    except TilingError as e:
+        if name in EXPECTED_REFUSALS:
+            assert EXPECTED_REFUSALS[name] in str(e), str(e)
+            return
+        raise
+    assert name not in EXPECTED_REFUSALS, f"{name} now tiles: remove it from EXPECTED_REFUSALS"
+    region = next(m for m in gm.modules() if isinstance(m, TiledRegion))
+    assert len(region.spec.nodes) == size
+    with torch.no_grad():
+        want, got = _flat(model(x)), _flat(gm(x))
+    assert len(want) == len(got)
+    for a, b in zip(want, got):
+        # float32 through up to ~100 layers: each convolution's summation order differs
+        # between a tile and the whole map (~1e-6 relative per layer), normalised activations
+        # keep the accumulated difference near 1e-5 of the output's scale.
+        scale = a.abs().max().item() or 1.0
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * scale)
+
+
+@pytest.mark.parametrize("name", DEFAULT)
+def test_zoo_default(name):
+    check_model(name)
+
+
+ALL = sorted(set(CLASSIFICATION + SEGMENTATION + VIDEO) - set(DEFAULT))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ALL)
+def test_zoo_full(name):
+    check_model(name)
+
+
+def test_subset_names_exist():
+    assert set(DEFAULT) <= set(CLASSIFICATION + SEGMENTATION + VIDEO)
+    assert set(EXPECTED_REFUSALS) <= set(CLASSIFICATION + SEGMENTATION + VIDEO)
