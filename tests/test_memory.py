@@ -1,0 +1,71 @@
+"""The static memory model against measured peaks (tilefx.measure.peak_memory)."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+from tilefx.measure import peak_memory
+from tilefx.passes.memory import Step, liveness, simulate
+from tilefx.passes.receptive_field import annotate
+from tilefx.passes.tile_rewrite import tile_rewrite
+from tilefx.trace import trace
+
+
+def _annotated(model, x):
+    return annotate(trace(model.eval()), x)
+
+
+def _close(pred, meas, tol=0.10):
+    assert abs(pred - meas) <= tol * meas, f"predicted {pred} vs measured {meas}"
+
+
+def test_liveness_frees_after_last_reader_and_keeps_outputs():
+    steps = [Step("a", [("a", 4)]), Step("b", [("b", 8)], ["a"]), Step("c", [("c", 2)], ["b"])]
+    peak, at, curve = liveness(steps, keep=["c"])
+    assert (peak, at) == (12, "b")
+    assert curve == [("a", 4), ("b", 12), ("c", 10)]
+
+
+def test_inplace_and_views_share_storage():
+    class Net(nn.Module):
+        def forward(self, x):
+            y = x * 2                     # 1 buffer
+            y = torch.relu_(y)            # in place: no new buffer
+            z = y.view(y.shape[0], -1)    # view: no new buffer
+            return z + 1                  # 1 buffer
+    x = torch.randn(1, 4, 16, 16)
+    gm = trace(Net())
+    p = simulate(gm, x, workspace=None)
+    assert p.peak_bytes == 2 * x.numel() * 4
+    _close(p.peak_bytes, peak_memory(gm, x), tol=0.01)  # scalar operands add a few bytes
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_untiled_within_10_percent(name):
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 224, 224)
+    gm = _annotated(getattr(torchvision.models, name)(), x)
+    _close(simulate(gm, x).peak_bytes, peak_memory(gm, x))
+
+
+@pytest.mark.parametrize("name,merge,tiles", [
+    ("resnet18", "layer2", 2), ("resnet18", "layer3", 3),
+    ("mobilenet_v2", "features.4", 2), ("mobilenet_v2", "features.7", 4),
+])
+def test_tiled_within_10_percent(name, merge, tiles):
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 224, 224)
+    gm = _annotated(getattr(torchvision.models, name)(), x)
+    tiled = tile_rewrite(gm, merge, tiles)
+    with torch.no_grad():
+        tiled(x)  # first call builds the schedule cache
+    _close(simulate(tiled, x).peak_bytes, peak_memory(tiled, x))
+
+
+def test_simulate_does_not_mutate():
+    x = torch.randn(1, 3, 64, 64)
+    gm = _annotated(torchvision.models.resnet18(), x)
+    code = gm.code
+    simulate(gm, x)
+    assert gm.code == code

@@ -1,0 +1,114 @@
+"""The planner: frontier, budgets, overhead caps, multi-region plans; exact against eager."""
+
+import functools
+
+import pytest
+import torch
+import torchvision
+
+from tilefx import TilingError, planner
+from tilefx.measure import peak_memory
+from tilefx.passes.memory import simulate
+from tilefx.passes.receptive_field import annotate
+from tilefx.passes.tile_rewrite import tile_rewrite
+from tilefx.trace import trace
+
+# A fixed calibration keeps the tests independent of the machine's load.
+CAL = planner.Calibration(mac_rate=50e9, per_node=100e-6, per_tile=40e-6, per_eager_node=8e-6)
+
+
+@functools.lru_cache(maxsize=None)
+def _setup(name, size):
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)().eval()
+    x = torch.randn(1, 3, size, size)
+    return model, x, annotate(trace(model), x)
+
+
+def _apply(gm, p):
+    out = gm
+    for r in p.regions:
+        out = tile_rewrite(out, r.merge, r.tiles)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _plan(name, size):
+    _, x, gm = _setup(name, size)
+    return planner.plan(gm, x, calibration=CAL)
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "resnet18"])
+def test_frontier_is_monotone_and_starts_untiled(name):
+    front = _plan(name, 224).pareto()
+    assert front[0].regions == () and front[0].peak_bytes == front[0].baseline_peak_bytes
+    for a, b in zip(front, front[1:]):
+        assert b.peak_bytes < a.peak_bytes
+        assert b.time_s > a.time_s
+    assert front[-1].peak_bytes < front[0].peak_bytes
+
+
+def test_default_never_worse_than_untiled():
+    p = _plan("resnet18", 224)
+    assert p.peak_bytes <= p.baseline_peak_bytes
+    assert p in p.pareto()
+
+
+def test_budget_picks_fastest_fitting_plan():
+    _, x, gm = _setup("mobilenet_v2", 224)
+    front = _plan("mobilenet_v2", 224).pareto()
+    target = front[len(front) // 2]
+    budget = int(target.peak_bytes * (1 + planner.BUDGET_MARGIN)) + 1
+    p = planner.plan(gm, x, memory_budget=budget, calibration=CAL)
+    assert p.peak_bytes * (1 + planner.BUDGET_MARGIN) <= budget
+    assert all(q.time_s >= p.time_s for q in front
+               if q.peak_bytes * (1 + planner.BUDGET_MARGIN) <= budget)
+
+
+def test_infeasible_budget_says_best_peak():
+    _, x, gm = _setup("mobilenet_v2", 224)
+    best = _plan("mobilenet_v2", 224).pareto()[-1].peak_bytes
+    with pytest.raises(TilingError, match=str(best)):
+        planner.plan(gm, x, memory_budget=1024, calibration=CAL)
+
+
+def test_max_overhead_picks_lowest_peak_within_it():
+    _, x, gm = _setup("mobilenet_v2", 224)
+    p = planner.plan(gm, x, max_overhead=0.5, calibration=CAL)
+    assert p.overhead <= 0.5 + 1e-9
+    assert all(q.peak_bytes >= p.peak_bytes for q in p.pareto() if q.overhead <= 0.5)
+
+
+def test_plan_does_not_mutate_graph():
+    _, x, gm = _setup("resnet18", 224)
+    code = gm.code
+    planner.plan(gm, x, calibration=CAL)
+    assert gm.code == code
+
+
+def test_multi_region_plan_exact_and_predicted():
+    model, x, gm = _setup("mobilenet_v2", 224)
+    multi = [p for p in _plan("mobilenet_v2", 224).pareto() if len(p.regions) == 2]
+    assert multi, "expected a two-region plan on the frontier"
+    p = multi[-1]
+    tiled = _apply(gm, p)
+    with torch.no_grad():
+        torch.testing.assert_close(tiled(x), model(x), rtol=1e-4, atol=1e-4)
+    assert sum(1 for n in tiled.graph.nodes if n.op == "call_module" and "tiled_region" in n.target) == 2
+    measured = peak_memory(tiled, x)
+    assert abs(p.peak_bytes - measured) <= 0.10 * measured
+    assert abs(simulate(tiled, x).peak_bytes - measured) <= 0.10 * measured
+
+
+def test_pareto_plans_apply_and_match_their_prediction():
+    model, x, gm = _setup("resnet18", 224)
+    for p in _plan("resnet18", 224).pareto()[1:4]:
+        tiled = _apply(gm, p)
+        with torch.no_grad():
+            torch.testing.assert_close(tiled(x), model(x), rtol=1e-4, atol=1e-4)
+        assert abs(simulate(tiled, x).peak_bytes - p.peak_bytes) <= 0.10 * p.peak_bytes
+
+
+def test_str_is_readable():
+    text = str(_plan("resnet18", 224))
+    assert "MiB" in text and "peak" in text

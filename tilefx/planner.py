@@ -1,0 +1,618 @@
+"""The planner: candidate plans, their predicted peak and time, the Pareto frontier, the choice.
+
+A plan is a sequence of regions, each a merge node and a tile grid, applied in order with
+``tile_rewrite`` (an empty sequence is the untiled model). The planner never runs the model's
+kernels per candidate. It fake-runs the annotated graph once (``passes.memory.record``: storages,
+aliases, bytes, MACs, scratch memory), then scores each candidate with integer window
+arithmetic:
+
+* **Cuts.** A merge candidate is a node before which exactly one computed tensor is alive and
+  read later (a single-tensor cut: ResNet's block boundaries, MobileNet's block outputs and the
+  convolutions inside blocks with no residual). A region spans the spatial ancestors of the
+  merge node after the previous region's cut.
+* **Memory.** Windows are separable per axis (a tile's window is the product of per-axis
+  intervals), so the windows of a ``t``-way split are computed once per axis and the bytes of
+  every node in every tile are outer products. One tile's liveness follows the body the rewrite
+  emits: every value lives until its last reader, halo crops are views unless the read leaves
+  the map (then ``F.pad`` copies it), plus the CPU scratch model of ``passes.memory``. The
+  region call holds its full-size output buffers and the largest tile; the rest of the graph is
+  the untiled liveness, so a plan's peak is the max over the outer steps.
+* **Time.** ``untiled + extra MACs / mac_rate + tiles x (window_ops x per_node + other_nodes x
+  per_tile / 8)``.
+  :func:`calibrate` measures ``mac_rate`` (a 3x3 convolution), ``per_node`` and ``per_tile`` (a
+  small conv-bn-relu region run at 1x1 and 4x4 tiles) on this machine once per process.
+* **Frontier.** For a fixed sequence of cuts the choices couple only through
+  ``peak = max(...)`` and ``time = sum(...)``, so the per-region grid frontiers are combined
+  exactly; plans are pooled over all cut sequences (up to :data:`MAX_REGIONS` regions) and the
+  Pareto-optimal ones kept. The untiled plan is always a candidate, so no choice is worse than
+  it.
+* **Choice.** ``memory_budget``: the fastest plan whose peak fits with a
+  :data:`BUDGET_MARGIN` to spare (TilingError with the lowest reachable peak otherwise). ``max_overhead``: the lowest peak whose predicted time is within
+  ``1 + max_overhead`` of the untiled time. Neither: the knee, the frontier point that maximizes
+  ``log(baseline_peak / peak) - KNEE_SLOPE * log(time / baseline_time)``, i.e. where a 1%
+  longer run stops buying at least ``KNEE_SLOPE``% less memory.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx import GraphModule, Node
+
+from .errors import TilingError
+from .passes.memory import Step, conv_workspace, liveness, record
+from .passes.receptive_field import facts
+from .passes.tile_rewrite import find_region
+from .spatial import SpatialRule
+from .tiling import _source_window
+
+__all__ = ["RegionChoice", "Plan", "plan", "calibrate", "Calibration", "MAX_TILES", "MAX_REGIONS",
+           "KNEE_SLOPE", "BUDGET_MARGIN"]
+
+#: Tile counts tried per axis.
+MAX_TILES = 8
+#: Regions a plan may chain (the tail after a merge tiled again).
+MAX_REGIONS = 2
+#: The knee's exchange rate between log peak and log time (see the module docstring).
+KNEE_SLOPE = 2.0
+#: A memory_budget is met by plans predicted at least this fraction below it: the static
+#: model's error against measured peaks stays under 5% on the benchmark models.
+BUDGET_MARGIN = 0.05
+
+_WINDOW_LOWERINGS = ("conv", "maxpool", "avgpool", "pad")
+
+
+@dataclass(frozen=True)
+class RegionChoice:
+    """One region: the merge node(s) it ends before and its tile grid."""
+
+    merge: tuple[str, ...]
+    tiles: tuple[int, ...]
+
+    def __str__(self) -> str:
+        return f"{','.join(self.merge)} @ {'x'.join(map(str, self.tiles))}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A tiling plan with its predicted peak memory and time.
+
+    ``extra_compute`` is the fraction of the model's MACs the halos add; ``time_s`` and
+    ``baseline_time_s`` come from the calibrated cost model (``overhead = time/baseline - 1``).
+    """
+
+    regions: tuple[RegionChoice, ...]
+    peak_bytes: int
+    baseline_peak_bytes: int
+    extra_compute: float
+    time_s: float
+    baseline_time_s: float
+    frontier: tuple["Plan", ...] = field(default=(), compare=False, repr=False)
+
+    @property
+    def overhead(self) -> float:
+        return self.time_s / self.baseline_time_s - 1.0
+
+    @property
+    def ratio(self) -> float:
+        """Predicted peak reduction: untiled peak / this plan's peak."""
+        return self.baseline_peak_bytes / max(self.peak_bytes, 1)
+
+    def pareto(self) -> list["Plan"]:
+        """Every Pareto-optimal plan (peak vs predicted time), lowest peak last."""
+        return list(self.frontier) if self.frontier else [self]
+
+    def __str__(self) -> str:
+        what = " then ".join(map(str, self.regions)) if self.regions else "untiled"
+        return (f"{what}: peak {self.peak_bytes / 2**20:.2f} MiB ({self.ratio:.1f}x lower than "
+                f"{self.baseline_peak_bytes / 2**20:.2f} MiB), extra MACs {self.extra_compute:+.1%}, "
+                f"predicted time {self.overhead:+.1%}")
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Machine constants of the time model: MACs per second, seconds per window op (conv,
+    pooling) per tile, seconds per tile (pointwise nodes, crops, writes), per eager node."""
+
+    mac_rate: float
+    per_node: float
+    per_tile: float
+    per_eager_node: float
+
+
+def _best_time(fn, *args, repeats: int = 15) -> float:
+    """The fastest of ``repeats`` calls: the least disturbed by other processes."""
+    with torch.no_grad():
+        fn(*args)
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn(*args)
+            ts.append(time.perf_counter() - t0)
+    return min(ts)
+
+
+@functools.lru_cache(maxsize=None)
+def calibrate() -> Calibration:
+    """Measure the time model's constants on this machine (about half a second, once).
+
+    ``mac_rate`` from a 64-channel 3x3 convolution at 56x56; ``per_node``/``per_tile`` from
+    a 6-op conv-bn-relu region run untiled and on a 4x4 grid at a size where compute is
+    negligible, so the difference is the tile loop's overhead (crops, writes, dispatch).
+    """
+    from .passes.receptive_field import annotate
+    from .passes.tile_rewrite import tile_rewrite
+    from .trace import trace
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 64, 56, 56)
+    w = torch.randn(64, 64, 3, 3)
+    # A region of 32-channel conv-bn-relu pairs whose 4x4 tiles are 16x16, as in a real plan:
+    # the difference to the untiled run is the tile loop's cost beyond the MACs (per-call
+    # dispatch, weight reorders, smaller and less efficient kernels, crops and writes).
+    net = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                        nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                        nn.Flatten()).eval()
+    small = torch.randn(1, 32, 64, 64)
+    gm = annotate(trace(net), small)
+    merge = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "6"]
+    tiled = tile_rewrite(gm, merge, 4)
+    # Interleaved rounds, fastest of each: other processes slow all three alike.
+    fns = [lambda: F.conv2d(x, w, padding=1), lambda: gm(small), lambda: tiled(small)]
+    best = [math.inf] * 3
+    with torch.no_grad():
+        for f in fns:
+            f()
+        for _ in range(15):
+            for k, f in enumerate(fns):
+                t0 = time.perf_counter()
+                f()
+                best[k] = min(best[k], time.perf_counter() - t0)
+    mac_rate = 64 * 56 * 56 * 64 * 9 / best[0]
+    halo = 2 * 32 * 32 * 9 * (16 * 18 * 18 - 64 * 64)  # extra MACs of the 4x4 halos
+    per_tile_total = max((best[2] - best[1] - halo / mac_rate) / 16, 1e-6)
+    # Pointwise nodes, crops and writes cost a few microseconds of dispatch each (measured
+    # separately: ~5 us); what remains is per window op (convolution or pooling).
+    per_tile = 8 * 5e-6
+    per_node = max(per_tile_total - per_tile, 1e-6) / 2
+    per_eager = 8e-6  # fx dispatch of one eager node (small next to its kernel)
+    return Calibration(mac_rate, per_node, per_tile, per_eager)
+
+
+# --------------------------------------------------------------------------- the static model
+
+
+@dataclass
+class _Segment:
+    """A candidate region: nodes from cut ``start`` up to merge ``end`` (positions in _Model)."""
+
+    start: int
+    end: int
+    nodes: list[Node]
+    outputs: list[Node]
+    inputs: set[str]
+    body: Any = None  # precomputed storage structure of the tile body
+
+
+class _Model:
+    """What the planner knows about an annotated graph at the example input."""
+
+    def __init__(self, gm: GraphModule, x: torch.Tensor):
+        self.gm = gm
+        self.nodes = list(gm.graph.nodes)
+        self.index = {n: i for i, n in enumerate(self.nodes)}
+        rec = record(gm, x)
+        self.workspace = rec.workspace
+        self.steps = rec.steps
+        self.keep = rec.keep
+        self.info = rec.info
+        self.step_of = {st.name: i for i, st in enumerate(self.steps)}
+        self.by_name = {n.name: n for n in self.nodes}
+        self.nsp = x.dim() - 2
+        peak, _, _ = liveness(self.steps, self.keep)
+        self.baseline_peak = peak
+        self.total_macs = sum(i["macs"] for i in self.info.values())
+        self.cuts = self._cuts()
+
+    def bpp(self, n: Node) -> float:
+        """Bytes per spatial position of ``n``'s output."""
+        tm = n.meta.get("tensor_meta")
+        sizes = facts(n).sizes
+        if not hasattr(tm, "shape") or sizes is None:
+            return 0.0
+        return tm.shape.numel() * tm.dtype.itemsize / math.prod(sizes)
+
+    def _cuts(self) -> list[int]:
+        """Positions of single-tensor cuts whose node reads the crossing tensor.
+
+        Only cuts before a window op (convolution, pooling) or at a tensor read twice (a block
+        input) are kept: a cut before a pointwise op buffers a tensor as large as the one
+        before it and saves nothing.
+        """
+        last: dict[Node, int] = {}
+        for n in self.nodes:
+            for u in n.all_input_nodes:
+                last[u] = self.index[n]
+        cuts = []
+        self.cut_bytes = {}
+        alive: set[Node] = set()
+        for i, n in enumerate(self.nodes):
+            alive = {u for u in alive if last.get(u, -1) >= i}
+            ins = [u for u in n.all_input_nodes if u.op != "get_attr"]
+            if len(alive) == 1 and i > 0 and n.op != "output" and ins and set(ins) <= alive:
+                (t,) = alive
+                rule = facts(n).rule
+                window = isinstance(rule, SpatialRule) and rule.lowering in _WINDOW_LOWERINGS
+                if facts(t).spatial and (window or len(t.users) > 1):
+                    cuts.append(i)
+                    self.cut_bytes[i] = self.bpp(t) * math.prod(facts(t).sizes)
+            if n.op not in ("placeholder", "get_attr") and n.users:
+                alive.add(n)
+        return cuts
+
+    def chain_cuts(self) -> list[int]:
+        """Cuts whose tensor is no larger than its neighbours': where a later region may start."""
+        c, b = self.cuts, self.cut_bytes
+        return [x for k, x in enumerate(c)
+                if (k == 0 or b[x] <= b[c[k - 1]]) and (k == len(c) - 1 or b[x] <= b[c[k + 1]])]
+
+    @functools.lru_cache(maxsize=None)
+    def _region(self, end: int) -> list[Node]:
+        try:
+            return find_region(self.gm, [self.nodes[end]])[0]
+        except TilingError:
+            return []
+
+    @functools.lru_cache(maxsize=None)
+    def full_windows(self, end: int, axis: int, t: int):
+        region = self._region(end)
+        return _region_windows(self, region, axis, t) if region else None
+
+    @functools.lru_cache(maxsize=None)
+    def segment(self, start: int, end: int) -> _Segment | None:
+        region = [n for n in self._region(end) if self.index[n] >= start]
+        if not region:
+            return None
+        inside = set(region)
+        outputs = [n for n in region if any(u not in inside for u in n.users)]
+        if any(not facts(o).spatial or facts(o).sizes is None for o in outputs):
+            return None
+        inputs = {s for n in region for s, _ in facts(n).rule.inputs} - {n.name for n in region}
+        return _Segment(start, end, region, outputs, inputs)
+
+
+# --------------------------------------------------------------------------- per-axis windows
+
+
+def _axis_windows(model: _Model, seg: _Segment, axis: int, t: int):
+    """Per node, per tile index along ``axis``: window length, crop target length, padded.
+
+    A region after a single-tensor cut is a suffix of the region of the same merge node from the
+    graph input, with the same outputs, so windows are computed once per merge node and sliced.
+    """
+    full = model.full_windows(seg.end, axis, t)
+    if full is None:
+        return None
+    rows, L, T, P = full
+    idx = [rows[n.name] for n in seg.nodes]
+    return L[idx], T[idx], P[idx]
+
+
+def _region_windows(model: _Model, region: list[Node], axis: int, t: int):
+    by_name = model.by_name
+    outs_set = set(region)
+    outputs = [n for n in region if any(u not in outs_set for u in n.users)]
+    rules = {n.name: facts(n).rule for n in region}
+    size = {}
+    for n in region:
+        size[n.name] = facts(n).sizes[axis]
+        for src, _ in rules[n.name].inputs:
+            size[src] = facts(by_name[src]).sizes[axis]
+    for o in outputs:
+        if size[o.name] < t:
+            return None
+    consumers: dict[str, list[str]] = {}
+    for n in region:
+        for s, _ in rules[n.name].inputs:
+            consumers.setdefault(s, []).append(n.name)
+    outs = {o.name for o in outputs}
+    names = [n.name for n in region]
+    rows = {nm: i for i, nm in enumerate(names)}
+    L = np.zeros((len(names), t))
+    T = np.zeros((len(names), t))
+    P = np.zeros((len(names), t), dtype=bool)
+    plan_ = []
+    for nm in reversed(names):
+        rule = rules[nm]
+        pad = rule.pad if rule.lowering in _WINDOW_LOWERINGS else None
+        plan_.append((nm, rows[nm], nm in outs, consumers.get(nm, ()),
+                      [(src, maps[axis], size[src], pad) for src, maps in rule.inputs]))
+    for j in range(t):
+        src_w: dict[tuple[str, str], tuple[int, int]] = {}
+        for nm, i, is_out, cons, ins in plan_:
+            n_out = size[nm]
+            if is_out:
+                lo, hi = j * n_out // t, (j + 1) * n_out // t
+            else:
+                lo = hi = None
+            for c in cons:
+                a, b = src_w[(c, nm)]
+                lo, hi = (a, b) if lo is None else (min(lo, a), max(hi, b))
+            L[i, j] = hi - lo
+            for k, (src, m, n_in, pad) in enumerate(ins):
+                rlo, rhi = m.in_window(lo, hi, n_in, n_out)
+                if pad is None or pad.mode == "constant":
+                    clo, chi = max(rlo, 0), min(rhi, n_in)
+                    if chi <= clo:
+                        clo, chi = (0, 1) if rhi <= 0 else (n_in - 1, n_in)
+                    src_w[(nm, src)] = (clo, chi)
+                else:
+                    src_w[(nm, src)] = _source_window(((rlo, rhi),), (n_in,), pad)[0]
+                if k == 0:
+                    T[i, j] = rhi - rlo
+                    P[i, j] = rlo < 0 or rhi > n_in
+    return rows, L, T, P
+
+
+# --------------------------------------------------------------------------- one tile's liveness
+
+
+def _body(model: _Model, seg: _Segment):
+    """The storage structure of a tile body: which storages each step holds, and op params."""
+    if seg.body is not None:
+        return seg.body
+    names = [n.name for n in seg.nodes]
+    by_name = {n.name: n for n in model.nodes}
+    storage_of: dict[Any, int] = {}
+    owner = []  # storage -> node position that allocates it
+    alloc_at = {}
+    node_storage = []
+    for i, n in enumerate(seg.nodes):
+        info = model.info.get(n.name, {})
+        st = model.steps[model.step_of[n.name]]
+        key = info.get("key")
+        if st.allocs and key is not None and any(k == key for k, _ in st.allocs):
+            storage_of[key] = len(owner)
+            alloc_at[len(owner)] = i
+            owner.append(i)
+            node_storage.append(storage_of[key])
+        else:
+            node_storage.append(storage_of.get(key, -1))  # a view of an earlier storage or input
+    S = len(owner)
+    last = {s: alloc_at[s] for s in range(S)}
+    pos = {nm: i for i, nm in enumerate(names)}
+    for i, n in enumerate(seg.nodes):
+        for u in n.all_input_nodes:
+            if u.name in pos and node_storage[pos[u.name]] >= 0:
+                s = node_storage[pos[u.name]]
+                last[s] = max(last[s], i)
+    A = np.zeros((len(names), S))
+    for s in range(S):
+        A[alloc_at[s]:last[s] + 1, s] = 1.0
+    bpp_storage = np.array([model.bpp(seg.nodes[owner[s]]) for s in range(S)])
+    ops = []  # (position, kind, source bpp, channels in, w bytes, out bpp, channels out, pw, copies)
+    readers: dict[str, int] = {}
+    for n in seg.nodes:
+        for s_, _ in facts(n).rule.inputs:
+            readers[s_] = readers.get(s_, 0) + 1
+    for i, n in enumerate(seg.nodes):
+        rule: SpatialRule = facts(n).rule
+        info = model.info.get(n.name, {})
+        if rule.lowering in _WINDOW_LOWERINGS or info.get("kind"):
+            src = by_name[rule.inputs[0][0]]
+            tm = src.meta.get("tensor_meta")
+            cin = tm.shape[1] if hasattr(tm, "shape") and len(tm.shape) > 1 else 1
+            ops.append((i, info.get("kind"), model.bpp(src), cin, info.get("w_bytes", 0),
+                        model.bpp(n), info.get("channels", 1), info.get("pw", False),
+                        (rule.lowering in _WINDOW_LOWERINGS and rule.lowering != "pad",
+                         readers.get(src.name, 0) > 1)))
+    macs_pp = np.array([model.info.get(nm, {}).get("macs", 0) / max(math.prod(facts(by_name[nm]).sizes), 1)
+                        for nm in names])
+    seg.body = (A, owner, bpp_storage, ops, macs_pp)
+    return seg.body
+
+
+def _tile_cost(model: _Model, seg: _Segment, grid: tuple[int, ...]):
+    """(largest tile's peak bytes, extra MACs) of ``seg`` on ``grid``, or None if it does not fit."""
+    axes = [_axis_windows(model, seg, a, t) for a, t in enumerate(grid)]
+    if any(a is None for a in axes):
+        return None
+    A, owner, bpp_s, ops, macs_pp = _body(model, seg)
+
+    def outer(arrs):  # per-axis rows -> per-tile products, flattened over the grid
+        out = arrs[0]
+        for a in arrs[1:]:
+            out = out[..., :, None] * a[..., None, :]
+            out = out.reshape(*out.shape[:-2], -1)
+        return out
+
+    Ls = outer([ax[0] for ax in axes])                     # nodes x tiles
+    live = A @ (bpp_s[:, None] * Ls[owner]) if owner else np.zeros_like(Ls)
+    trans = np.zeros_like(Ls)
+    for i, kind, src_bpp, cin, w_bytes, out_bpp, cout, pw, copies in ops:
+        crop = src_bpp * outer([ax[1][i] for ax in axes])
+        out_b = out_bpp * Ls[i]
+        pads_copy, shared = copies
+        if shared:  # a window narrowed out of a producer read by several ops: halo_crop copies it
+            trans[i] += crop
+        elif pads_copy:  # F.pad copies the crop when the read leaves the map on any axis
+            padded = 1.0 - outer([1.0 - ax[2][i].astype(float) for ax in axes])
+            trans[i] += padded * crop
+        if model.workspace == "cpu":
+            if kind == "conv":
+                in_r = crop if cin > 4 else 0.0
+                out16 = out_b * (-(-cout // 16) * 16) / max(cout, 1)
+                held = np.maximum(in_r + w_bytes + out16 + (out_b if pw else 0.0), out16 + out_b)
+                trans[i] += np.maximum(held - out_b, 0.0)
+            elif kind == "maxpool":
+                trans[i] += 2 * out_b
+    peak = float((live + trans).max()) if live.size else 0.0
+    sums = [ax[0].sum(axis=1) for ax in axes]
+    tiled_macs = macs_pp * functools.reduce(np.multiply, sums)
+    full = macs_pp * np.array([math.prod(facts(n).sizes) for n in seg.nodes])
+    return peak, float(tiled_macs.sum() - full.sum())
+
+
+# --------------------------------------------------------------------------- plans
+
+
+def _outer_peaks(model: _Model, segs: list[_Segment]) -> tuple[float, list[float]]:
+    """(peak of the untiled steps, bytes alive at each region call) for a cut sequence."""
+    region_of = {}
+    for k, seg in enumerate(segs):
+        for n in seg.nodes:
+            region_of[n.name] = k
+    steps: list[Step] = []
+    region_pos = {}
+    for st in model.steps:
+        k = region_of.get(st.name)
+        if k is None:
+            steps.append(st)
+            continue
+        if k not in region_pos:
+            region_pos[k] = len(steps)
+            steps.append(Step(f"region{k}"))
+        rs = steps[region_pos[k]]
+        rs.reads.extend(st.reads)
+    for k, seg in enumerate(segs):
+        rs = steps[region_pos[k]]
+        for o in seg.outputs:
+            info = model.info.get(o.name, {})
+            rs.allocs.append((info.get("key", o.name), info.get("nbytes", 0)))
+    _, _, curve = liveness(steps, model.keep)
+    at = {k: curve[p][1] for k, p in region_pos.items()}
+    rest = max((b for i, (_, b) in enumerate(curve) if i not in region_pos.values()), default=0)
+    return rest, [at[k] for k in range(len(segs))]
+
+
+def _grid_options(model: _Model, seg: _Segment, cal: Calibration):
+    """Pareto points (peak inside the call beyond its buffers, time, extra MACs, grid)."""
+    pts = []
+    for t in range(1, MAX_TILES + 1):
+        grid = (t,) * model.nsp
+        r = _tile_cost(model, seg, grid)
+        if r is None:
+            break
+        peak, extra = r
+        n_tiles = t ** model.nsp
+        n_window = sum(facts(n).rule.lowering in _WINDOW_LOWERINGS for n in seg.nodes)
+        n_other = len(seg.nodes) - n_window
+        tm = extra / cal.mac_rate + n_tiles * (cal.per_tile * n_other / 8 + n_window * cal.per_node)
+        pts.append((peak, tm, extra, grid))
+    return _pareto(pts, key=lambda p: (p[0], p[1]))
+
+
+def _pareto(items, key):
+    """Items not dominated in (a, b), both minimized; sorted by a descending."""
+    out = []
+    for it in sorted(items, key=lambda i: (key(i)[1], key(i)[0])):
+        if not out or key(it)[0] < key(out[-1])[0]:
+            out.append(it)
+    return out
+
+
+def plan(gm: GraphModule, example_input: torch.Tensor, *, memory_budget: int | None = None,
+         max_overhead: float | None = None, max_regions: int = MAX_REGIONS,
+         calibration: Calibration | None = None) -> Plan:
+    """Choose merge node(s) and tile grids for an annotated GraphModule.
+
+    ``gm`` must carry ``tensor_meta`` and receptive-field facts (``trace`` then ``annotate``);
+    it is not modified. See the module docstring for the models and the choice rule.
+
+    >>> import torch, torchvision
+    >>> from tilefx.trace import trace
+    >>> from tilefx.passes.receptive_field import annotate
+    >>> x = torch.randn(1, 3, 224, 224)
+    >>> gm = annotate(trace(torchvision.models.mobilenet_v2().eval()), x)
+    >>> p = plan(gm, x)
+    >>> p.peak_bytes < p.baseline_peak_bytes
+    True
+    >>> q = plan(gm, x, memory_budget=p.pareto()[-1].peak_bytes)
+    >>> q.peak_bytes <= p.pareto()[-1].peak_bytes
+    True
+    """
+    cal = calibration or calibrate()
+    model = _Model(gm, example_input)
+    base_time = model.total_macs / cal.mac_rate + len(model.steps) * cal.per_eager_node
+    base_peak = model.baseline_peak
+    starts = [0] + model.cuts
+    options: dict[tuple[int, int], list] = {}
+
+    def opts(a: int, b: int):
+        if (a, b) not in options:
+            seg = model.segment(a, b)
+            options[(a, b)] = (seg, _grid_options(model, seg, cal)) if seg else (None, [])
+        return options[(a, b)]
+
+    candidates = [(base_peak, base_time, 0.0, ())]
+    sequences = [(c,) for c in model.cuts]
+    chain = model.chain_cuts()
+    for k in range(2, max_regions + 1):
+        sequences += [(*firsts, last) for firsts in itertools.combinations(chain, k - 1)
+                      for last in model.cuts if last > firsts[-1]]
+    for seq in sequences:
+        bounds = list(zip((0,) + seq[:-1], seq))
+        segs, grids = [], []
+        for a, b in bounds:
+            seg, g = opts(a, b)
+            if seg is None or not g:
+                break
+            segs.append(seg)
+            grids.append(g)
+        else:
+            rest, at = _outer_peaks(model, segs)
+            for combo in itertools.product(*grids):
+                peak = max([rest] + [a + c[0] for a, c in zip(at, combo)])
+                tm = base_time + sum(c[1] for c in combo)
+                extra = sum(c[2] for c in combo)
+                if any(c[3] == (1,) * model.nsp for c in combo):
+                    continue  # a 1x1 region is the untiled computation plus copies
+                regions = tuple(RegionChoice((model.nodes[b].name,), c[3])
+                                for (a, b), c in zip(bounds, combo))
+                candidates.append((peak, tm, extra, regions))
+    front = _pareto(candidates, key=lambda c: (c[0], c[1]))
+    plans = [Plan(regions=c[3], peak_bytes=int(round(c[0])), baseline_peak_bytes=int(base_peak),
+                  extra_compute=c[2] / max(model.total_macs, 1), time_s=c[1],
+                  baseline_time_s=base_time) for c in front]
+    frontier = tuple(plans)
+    for p in plans:
+        object.__setattr__(p, "frontier", frontier)
+    return _choose(plans, memory_budget, max_overhead)
+
+
+def _choose(plans: list[Plan], memory_budget: int | None, max_overhead: float | None) -> Plan:
+    pool = plans
+    if memory_budget is not None:
+        pool = [p for p in pool if p.peak_bytes * (1 + BUDGET_MARGIN) <= memory_budget]
+        if not pool:
+            best = min(plans, key=lambda p: p.peak_bytes)
+            raise TilingError(
+                f"memory_budget={memory_budget} bytes ({memory_budget / 2**20:.1f} MiB) cannot be "
+                f"met: the lowest predicted peak reachable is {best.peak_bytes} bytes "
+                f"({best.peak_bytes / 2**20:.1f} MiB, {best}; plans must be predicted "
+                f"{BUDGET_MARGIN:.0%} below the budget); raise the budget"
+            )
+    if max_overhead is not None:
+        within = [p for p in pool if p.overhead <= max_overhead + 1e-12]
+        pool = within or [min(pool, key=lambda p: p.time_s)]
+        return min(pool, key=lambda p: (p.peak_bytes, p.time_s))
+    if memory_budget is not None:
+        return min(pool, key=lambda p: (p.time_s, p.peak_bytes))
+
+    def utility(p: Plan) -> float:
+        return (math.log(p.baseline_peak_bytes / max(p.peak_bytes, 1))
+                - KNEE_SLOPE * math.log(p.time_s / p.baseline_time_s))
+
+    return max(pool, key=utility)
