@@ -1,0 +1,284 @@
+"""tilefx next to the rest of PyTorch: PassManager, torch.compile, torch.save, other input
+shapes, low-precision dtypes, channels_last and CUDA.
+
+Every test compares the transformed module with eager on the same input. The models are tiny
+(a few ms per call) so the file runs in well under a minute without torch.compile's inductor,
+which costs about 15 s per compile on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+from torch.fx.passes.infra.pass_manager import PassManager
+
+import tilefx
+from tilefx.passes.tile_pass import TilePass
+from tilefx.region import TiledRegion
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+class Tiny(nn.Module):
+    """conv-bn-relu, an optional max pool, a strided conv, then a global-pool head (a barrier)."""
+
+    def __init__(self, maxpool: bool = True):
+        super().__init__()
+        down = nn.MaxPool2d(3, stride=2, padding=1) if maxpool else nn.Conv2d(8, 8, 3, 2, 1)
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                  down, nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.stem(x)).flatten(1))
+
+
+def tiny(maxpool: bool = True, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    m = Tiny(maxpool).eval()
+    with torch.no_grad():  # non-trivial BatchNorm statistics
+        bn = m.stem[1]
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    return m
+
+
+def regions(gm: nn.Module) -> list[TiledRegion]:
+    return [m for m in gm.modules() if isinstance(m, TiledRegion)]
+
+
+# ----------------------------------------------------------------------------- PassManager
+
+
+class FuseConvBN(PassBase):
+    """Conv-bn fusion (torch.fx.experimental.optimization.fuse) as a PassBase."""
+
+    def call(self, gm):
+        from torch.fx.experimental.optimization import fuse
+
+        return PassResult(fuse(gm, inplace=False), True)
+
+
+def test_tile_pass_alone_returns_pass_result():
+    m, x = tiny(), torch.randn(1, 3, 64, 64)
+    gm = torch.fx.symbolic_trace(m)
+    code_before = gm.code
+    result = TilePass(x, merge="pool", tiles=(2, 2))(gm)
+    assert isinstance(result, PassResult) and result.modified
+    assert result.graph_module is not gm and gm.code == code_before  # input not mutated
+    result.graph_module.graph.lint()
+    assert len(regions(result.graph_module)) == 1
+    torch.testing.assert_close(result.graph_module(x), m(x))
+    assert "TilePass(example_input=(1, 3, 64, 64)" in repr(TilePass(x, merge="pool"))
+
+
+def test_tile_pass_in_pass_manager_after_fusion():
+    m, x = tiny(), torch.randn(1, 3, 64, 64)
+    pm = PassManager([FuseConvBN(), TilePass(x, merge="pool", tiles=(3, 2))], run_checks_after_each_pass=True)
+    result = pm(torch.fx.symbolic_trace(m))
+    out = result.graph_module
+    assert result.modified
+    assert not any(isinstance(mod, nn.BatchNorm2d) for mod in out.modules())  # fused first
+    assert regions(out)[0].grid == (3, 2)
+    torch.testing.assert_close(out(x), m(x))
+
+
+def test_tile_pass_on_plain_module_and_bad_input():
+    m, x = tiny(), torch.randn(1, 3, 48, 48)
+    result = TilePass(x, merge="pool", tiles=2)(m)
+    torch.testing.assert_close(result.graph_module(x), m(x))
+    with pytest.raises(tilefx.TilingError):
+        TilePass(x, merge="pool", tiles=2)("not a module")
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+
+def _compile_and_check(backend: str, second_shape: bool):
+    import torch._dynamo
+
+    m, x = tiny(), torch.randn(1, 3, 64, 64)
+    gm = tilefx.transform(m, x, merge="pool", tiles=(2, 2))
+    torch._dynamo.reset()
+    compiled = torch.compile(gm, backend=backend)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), m(x))
+        if second_shape:  # a recompile: dynamo specializes on the tile windows of each shape
+            x2 = torch.randn(2, 3, 80, 72)
+            torch.testing.assert_close(compiled(x2), m(x2))
+
+
+def test_torch_compile_aot_eager():
+    """Dynamo traces through the tile loop (one graph, no graph breaks) and AOTAutograd runs it."""
+    _compile_and_check("aot_eager", second_shape=True)
+
+
+def test_torch_compile_has_no_graph_breaks():
+    import torch._dynamo
+
+    m, x = tiny(), torch.randn(1, 3, 64, 64)
+    gm = tilefx.transform(m, x, merge="pool", tiles=(2, 2))
+    torch._dynamo.reset()
+    ex = torch._dynamo.explain(gm)(x)
+    assert ex.graph_break_count == 0 and ex.graph_count == 1, ex.break_reasons
+
+
+def _inductor_works() -> bool:
+    try:
+        import torch._dynamo
+
+        torch._dynamo.reset()
+        f = torch.compile(lambda t: t * 2 + 1, backend="inductor")
+        return bool(torch.equal(f(torch.ones(3)), torch.full((3,), 3.0)))
+    except Exception:  # no C compiler, no triton, ...: reported by the skip reason
+        return False
+
+
+def test_torch_compile_inductor():
+    """The default backend: inductor generates C++ on CPU (needs a C compiler)."""
+    if not _inductor_works():
+        pytest.skip("torch.compile(backend='inductor') fails on this machine for a plain lambda "
+                    "(no working C/C++ compiler?); the aot_eager test covers dynamo tracing")
+    _compile_and_check("inductor", second_shape=False)
+
+
+# ----------------------------------------------------------------------------- serialization
+
+
+@pytest.mark.parametrize("maxpool", [
+    pytest.param(False, marks=pytest.mark.xfail(
+        strict=True, reason="core bug: torch.load re-traces the tile body with symbolic_trace, "
+        "and the runtime helpers (halo_crop, write_tile, ...) are not marked as wrapped leaves "
+        "(node.meta['is_wrapped']), so tracing them fails on len(Proxy)")),
+    pytest.param(True, marks=pytest.mark.xfail(
+        strict=True, reason="core bug: RegionSpec keeps F.max_pool2d (a boolean_dispatch local "
+        "function) in rule.attrs['fn'], which pickle cannot save")),
+], ids=["conv_only", "with_maxpool"])
+def test_save_load_round_trip(maxpool):
+    m, x = tiny(maxpool), torch.randn(1, 3, 64, 64)
+    gm = tilefx.transform(m, x, merge="pool", tiles=(2, 2))
+    buf = io.BytesIO()
+    torch.save(gm, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert len(regions(loaded)) == 1
+    torch.testing.assert_close(loaded(x), m(x))
+    x2 = torch.randn(1, 3, 40, 56)
+    torch.testing.assert_close(loaded(x2), m(x2))
+
+
+def test_deepcopy():
+    m, x = tiny(), torch.randn(1, 3, 64, 64)
+    gm = tilefx.transform(m, x, merge="pool", tiles=(2, 2))
+    twin = copy.deepcopy(gm)
+    torch.testing.assert_close(twin(x), m(x))
+
+
+# ----------------------------------------------------------------------------- input shapes
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 64, 64), (2, 3, 64, 64), (1, 3, 97, 53), (3, 3, 128, 40),
+                                   (1, 3, 16, 16)])
+def test_other_input_shapes(shape):
+    m = tiny()
+    gm = tilefx.transform(m, torch.randn(1, 3, 64, 64), merge="pool", tiles=(4, 4))
+    x = torch.randn(shape)
+    torch.testing.assert_close(gm(x), m(x))
+
+
+def test_input_below_minimum_says_the_minimum():
+    m = tiny()
+    gm = tilefx.transform(m, torch.randn(1, 3, 64, 64), merge="pool", tiles=(4, 4))
+    with pytest.raises(tilefx.TilingError, match="smallest input"):
+        gm(torch.randn(1, 3, 8, 8))
+
+
+# ----------------------------------------------------------------------------- dtypes, layouts
+
+# Tiled and untiled run the same ops on the same values; they can differ by rounding only where
+# a backend picks another algorithm for a different tile size. Tolerances: a few units in the
+# last place of the dtype at the outputs' scale (float16 eps 9.8e-4, bfloat16 eps 7.8e-3).
+TOLERANCE = {torch.float16: dict(rtol=2e-3, atol=2e-3), torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_low_precision(dtype):
+    m = tiny().to(dtype)
+    x = torch.randn(1, 3, 64, 64, dtype=dtype)
+    gm = tilefx.transform(m, x, merge="pool", tiles=(2, 2))
+    with torch.no_grad():
+        out = gm(x)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out, m(x), **TOLERANCE[dtype])
+
+
+def test_channels_last():
+    m = tiny().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 64, 64).to(memory_format=torch.channels_last)
+    gm = tilefx.transform(m, x, merge="pool", tiles=(2, 2))
+    torch.testing.assert_close(gm(x), m(x))
+    # a contiguous input into the channels_last-planned module, and the other way round
+    torch.testing.assert_close(gm(x.contiguous()), m(x.contiguous()))
+
+
+@pytest.mark.xfail(strict=True, reason="core regression: halo_crop's new `x.contiguous()` (for "
+                   "oneDNN's slow strided path) turns channels_last windows into NCHW, so tiles "
+                   "compute in NCHW and the region outputs lose channels_last")
+def test_region_outputs_keep_channels_last():
+    m = tiny().to(memory_format=torch.channels_last)
+    x = torch.randn(1, 3, 64, 64).to(memory_format=torch.channels_last)
+    gm = tilefx.transform(m, x, merge="pool", tiles=(2, 2))
+    outs = gm.tiled_region_0(x)
+    ref = m.stem(x)
+    torch.testing.assert_close(outs[0], ref)
+    assert outs[0].is_contiguous(memory_format=torch.channels_last) == \
+        ref.is_contiguous(memory_format=torch.channels_last)
+
+
+# ----------------------------------------------------------------------------- CUDA
+
+
+@cuda
+def test_cuda_outputs_match():
+    m, x = tiny().cuda(), torch.randn(2, 3, 96, 96, device="cuda")
+    gm = tilefx.transform(m, x, merge="pool", tiles=(4, 4))
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), m(x))
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_cuda_low_precision_and_channels_last(dtype):
+    m = tiny().to("cuda", dtype).to(memory_format=torch.channels_last)
+    x = torch.randn(1, 3, 96, 96, device="cuda", dtype=dtype).to(memory_format=torch.channels_last)
+    gm = tilefx.transform(m, x, merge="pool", tiles=(2, 3))
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), m(x), **TOLERANCE[dtype])
+
+
+@cuda
+def test_cuda_torch_compile():
+    import torch._dynamo
+
+    m, x = tiny().cuda(), torch.randn(1, 3, 64, 64, device="cuda")
+    gm = tilefx.transform(m, x, merge="pool", tiles=(2, 2))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(gm)(x), m(x))
+
+
+@cuda
+def test_cuda_save_load_to_cpu():
+    m, x = tiny(maxpool=False).cuda(), torch.randn(1, 3, 64, 64, device="cuda")
+    gm = tilefx.transform(m, x, merge="pool", tiles=(2, 2))
+    buf = io.BytesIO()
+    torch.save(gm, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False, map_location="cpu")
+    torch.testing.assert_close(loaded(x.cpu()), m.cpu()(x.cpu()))
