@@ -151,26 +151,71 @@ def test_torch_compile_inductor():
 # ----------------------------------------------------------------------------- serialization
 
 
-@pytest.mark.parametrize("maxpool", [
-    pytest.param(False, marks=pytest.mark.xfail(
-        strict=True, reason="core bug: torch.load re-traces the tile body with symbolic_trace, "
-        "and the runtime helpers (halo_crop, write_tile, ...) are not marked as wrapped leaves "
-        "(node.meta['is_wrapped']), so tracing them fails on len(Proxy)")),
-    pytest.param(True, marks=pytest.mark.xfail(
-        strict=True, reason="core bug: RegionSpec keeps F.max_pool2d (a boolean_dispatch local "
-        "function) in rule.attrs['fn'], which pickle cannot save")),
-], ids=["conv_only", "with_maxpool"])
-def test_save_load_round_trip(maxpool):
-    m, x = tiny(maxpool), torch.randn(1, 3, 64, 64)
-    gm = tilefx.transform(m, x, merge="pool", tiles=(2, 2))
+def _save_load(gm: nn.Module) -> nn.Module:
     buf = io.BytesIO()
     torch.save(gm, buf)
     buf.seek(0)
-    loaded = torch.load(buf, weights_only=False)
+    return torch.load(buf, weights_only=False)
+
+
+@pytest.mark.parametrize("maxpool", [False, True], ids=["conv_only", "with_maxpool"])
+def test_save_load_round_trip(maxpool):
+    """torch.load re-traces each GraphModule's code: the tile body's helpers must stay leaves
+    (they are marked wrapped), and the RegionSpec must pickle (no F.max_pool2d in it)."""
+    m, x = tiny(maxpool), torch.randn(1, 3, 64, 64)
+    gm = tilefx.transform(m, x, merge="pool", tiles=(2, 2))
+    loaded = _save_load(gm)
     assert len(regions(loaded)) == 1
     torch.testing.assert_close(loaded(x), m(x))
     x2 = torch.randn(1, 3, 40, 56)
     torch.testing.assert_close(loaded(x2), m(x2))
+    torch.testing.assert_close(_save_load(loaded)(x), m(x))  # a loaded module saves again
+
+
+@pytest.fixture(scope="module")
+def resnet18_two_regions():
+    """resnet18 (random weights) at 64x64 with two regions: the stem and layer1 on 2x2 (from
+    tilefx.transform), then layer2 on 2x1 (a second tile_rewrite of the result)."""
+    from torchvision.models import resnet18
+
+    from tilefx.passes.tile_rewrite import tile_rewrite
+
+    torch.manual_seed(0)
+    m = resnet18(weights=None).eval()
+    x = torch.randn(1, 3, 64, 64)
+    gm = tile_rewrite(tilefx.transform(m, x, merge="layer2", tiles=(2, 2)), "layer3", (2, 1))
+    assert [r.grid for r in regions(gm)] == [(2, 2), (2, 1)]
+    return m, x, gm
+
+
+def _assert_close_to_eager(got: torch.Tensor, want: torch.Tensor) -> None:
+    # float32 through resnet18's 20 convolutions: a tile's convolution may sum in another order
+    # than the whole map's (oneDNN picks its algorithm by window shape), ~1e-6 relative per
+    # layer; 1e-4 of the logits' scale bounds the accumulated difference with margin (as in
+    # test_zoo), while a wrong window or a misplaced tile moves logits by far more.
+    scale = want.abs().max().item() or 1.0
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * scale)
+
+
+def test_save_load_resnet18_two_regions(resnet18_two_regions):
+    m, x, gm = resnet18_two_regions
+    loaded = _save_load(gm)
+    assert [r.grid for r in regions(loaded)] == [(2, 2), (2, 1)]
+    with torch.no_grad():
+        got = loaded(x)
+        assert torch.equal(got, gm(x))  # the same kernels on the same windows as before saving
+        _assert_close_to_eager(got, m(x))
+
+
+def test_loaded_resnet18_runs_at_another_shape(resnet18_two_regions):
+    m, x, gm = resnet18_two_regions
+    with torch.no_grad():
+        gm(x)  # fills the schedule cache, which is not saved
+    loaded = _save_load(gm)
+    assert all(not r._schedules for r in regions(loaded))
+    x2 = torch.randn(2, 3, 80, 96)  # a shape neither module has run on
+    with torch.no_grad():
+        _assert_close_to_eager(loaded(x2), m(x2))
 
 
 def test_deepcopy():
@@ -227,9 +272,6 @@ def test_channels_last():
     torch.testing.assert_close(gm(x.contiguous()), m(x.contiguous()))
 
 
-@pytest.mark.xfail(strict=True, reason="core regression: halo_crop's new `x.contiguous()` (for "
-                   "oneDNN's slow strided path) turns channels_last windows into NCHW, so tiles "
-                   "compute in NCHW and the region outputs lose channels_last")
 def test_region_outputs_keep_channels_last():
     m = tiny().to(memory_format=torch.channels_last)
     x = torch.randn(1, 3, 64, 64).to(memory_format=torch.channels_last)

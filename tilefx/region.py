@@ -23,7 +23,7 @@ from .errors import TilingError
 from .tiling import RegionSpec, Schedule, TileWindows, extents, min_input_extent, schedule
 
 __all__ = ["TiledRegion", "halo_crop", "write_tile", "window_interpolate", "window_avg_pool",
-           "window_view", "add_channel_bias"]
+           "window_view", "add_channel_bias", "LEAF_FUNCTIONS"]
 
 
 def _index(x: torch.Tensor, idx: tuple[int, ...]) -> torch.Tensor:
@@ -55,10 +55,13 @@ def halo_crop(x: torch.Tensor, tile: TileWindows, key: str, mode: str = "constan
     if any(p for pair in pads for p in pair):
         flat = [v for pair in reversed(pads) for v in pair]
         x = F.pad(x, flat, mode="constant", value=value)
-    elif not x.is_contiguous():
+    else:
         # oneDNN convolves a strided view through a slow path (a 1x1 convolution of a narrowed
         # window ran ~100x slower than of its contiguous copy); the copy costs a crop's bytes.
-        x = x.contiguous()
+        # The copy keeps the producer's layout, so a channels_last network stays channels_last.
+        fmt = _memory_format(x)
+        if not x.is_contiguous(memory_format=fmt):
+            x = x.contiguous(memory_format=fmt)
     return x
 
 
@@ -79,8 +82,13 @@ def write_tile(buffers: dict, tile: TileWindows, name: str, value: torch.Tensor)
 
 
 def _memory_format(t: torch.Tensor) -> torch.memory_format:
-    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
-        return torch.channels_last
+    """channels_last(_3d) when ``t``'s channels are its innermost axis, else contiguous.
+
+    Read from the strides, not from ``is_contiguous``: a halo window narrowed out of a
+    channels_last map is contiguous in neither format, yet its channels are still innermost.
+    """
+    if t.dim() in (4, 5) and t.shape[1] > 1 and t.stride(1) == 1:
+        return torch.channels_last if t.dim() == 4 else torch.channels_last_3d
     return torch.contiguous_format
 
 
@@ -186,6 +194,15 @@ def add_channel_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor
     return y + bias.view(1, -1, *([1] * (y.dim() - 2)))
 
 
+# The runtime helpers a tile body calls. They read ``tile`` tables with plain Python (len,
+# loops), so fx must keep each call as one opaque node: the rewrite marks those nodes
+# ``meta["is_wrapped"]``, what ``torch.fx.wrap`` marks on the nodes it traces. The body's code
+# then starts with ``wrap("<helper>")`` lines, so when ``torch.load`` (GraphModule.__reduce__)
+# re-traces that code, the helpers stay leaves instead of being traced into.
+LEAF_FUNCTIONS = (halo_crop, write_tile, window_interpolate, window_avg_pool, window_view,
+                  add_channel_bias)
+
+
 class TiledRegion(nn.Module):
     """Runs a region of a network tile by tile and returns its full-size outputs.
 
@@ -204,6 +221,12 @@ class TiledRegion(nn.Module):
         self.spatial_args = spatial_args
         self.halo = halo
         self._schedules: dict[Any, Schedule] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The per-shape schedules are a cache (rebuilt on first use), not state: pickling
+        # them would grow a saved module by every shape it has run on.
+        state = super().__getstate__()
+        return {**state, "_schedules": {}}
 
     @property
     def grid(self) -> tuple[int, ...]:

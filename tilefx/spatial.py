@@ -24,7 +24,7 @@ from torch.fx import Node
 
 from .windows import IDENTITY, Affine, AxisMap, Interp, Transposed
 
-__all__ = ["PadSpec", "SpatialRule", "Barrier", "RuleContext", "RULES", "rule_for"]
+__all__ = ["PadSpec", "SpatialRule", "Barrier", "RuleContext", "RULES", "rule_for", "window_fn"]
 
 
 @dataclass(frozen=True)
@@ -226,6 +226,18 @@ _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONVT_FN = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 _MAXPOOL_FN = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 _AVGPOOL_FN = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
+_WINDOW_FN = {"conv": _CONV_FN, "transposed": _CONVT_FN, "maxpool": _MAXPOOL_FN,
+              "avgpool": _AVGPOOL_FN}
+
+
+def window_fn(lowering: str, nsp: int) -> Callable:
+    """The functional op (F.conv2d, F.max_pool2d, ...) of a window lowering over ``nsp`` axes.
+
+    Rules name the op by lowering and rank rather than holding the function: a rule is part of
+    a saved module's RegionSpec, and pickle cannot save F.max_pool{1,2,3}d (boolean_dispatch
+    wrappers, local functions).
+    """
+    return _WINDOW_FN[lowering][nsp]
 
 
 def _window_rule(ctx, op, x, maps, pad, lowering, attrs) -> SpatialRule | Barrier:
@@ -243,7 +255,7 @@ def conv_module(ctx: RuleContext) -> SpatialRule | Barrier:
         return Barrier("circular padding reads the opposite edge of the feature map")
     pad = ZEROS if mode == "zeros" else PadSpec(mode)
     t = ctx.node.target
-    attrs = dict(fn=_CONV_FN[nsp], weight=f"{t}.weight", bias=f"{t}.bias" if m.bias is not None else None,
+    attrs = dict(weight=f"{t}.weight", bias=f"{t}.bias" if m.bias is not None else None,
                  stride=m.stride, dilation=m.dilation, groups=m.groups)
     return _window_rule(ctx, type(m).__name__, ctx.node.args[0], maps, pad, "conv", attrs)
 
@@ -257,7 +269,7 @@ def conv_function(ctx: RuleContext) -> SpatialRule | Barrier:
         return Barrier("convolution with parameters computed at run time")
     nsp = len(wshape) - 2
     maps = _conv_geometry(wshape[2:], a["stride"], a["padding"], a["dilation"], None, nsp)
-    attrs = dict(fn=_CONV_FN[nsp], weight_node=w.name, bias_node=getattr(a["bias"], "name", None),
+    attrs = dict(weight_node=w.name, bias_node=getattr(a["bias"], "name", None),
                  stride=_tup(a["stride"], nsp), dilation=_tup(a["dilation"], nsp), groups=a["groups"])
     return _window_rule(ctx, fn.__name__, a["input"], maps, ZEROS, "conv", attrs)
 
@@ -274,7 +286,7 @@ def convtranspose_module(ctx: RuleContext) -> SpatialRule | Barrier:
         for k, s, p, d, op in zip(m.kernel_size, m.stride, m.padding, m.dilation, m.output_padding)
     )
     t = ctx.node.target
-    attrs = dict(fn=_CONVT_FN[nsp], weight=f"{t}.weight", bias=f"{t}.bias" if m.bias is not None else None,
+    attrs = dict(weight=f"{t}.weight", bias=f"{t}.bias" if m.bias is not None else None,
                  stride=m.stride, dilation=m.dilation, groups=m.groups)
     return _window_rule(ctx, type(m).__name__, ctx.node.args[0], maps, None, "transposed", attrs)
 
@@ -291,9 +303,9 @@ def _pool_rule(ctx, op, x, k, s, p, d, ceil_mode, kind, extra) -> SpatialRule | 
         for kk, sk, pp, dd in zip(ks, ss, ps, ds)
     )
     if kind == "max":
-        attrs = dict(fn=_MAXPOOL_FN[nsp], kernel_size=ks, stride=ss, dilation=ds)
+        attrs = dict(kernel_size=ks, stride=ss, dilation=ds)
         return _window_rule(ctx, op, x, maps, NEG_INF, "maxpool", attrs)
-    attrs = dict(fn=_AVGPOOL_FN[nsp], kernel_size=ks, stride=ss, pads=ps, **extra)
+    attrs = dict(kernel_size=ks, stride=ss, pads=ps, **extra)
     return _window_rule(ctx, op, x, maps, ZEROS, "avgpool", attrs)
 
 

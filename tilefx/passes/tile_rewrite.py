@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch.fx import Graph, GraphModule, Node
 
 from ..errors import TilingError
-from ..region import (TiledRegion, add_channel_bias, halo_crop, window_avg_pool, window_interpolate,
-                      window_view, write_tile)
-from ..spatial import Barrier, SpatialRule
+from ..region import (LEAF_FUNCTIONS, TiledRegion, add_channel_bias, halo_crop, window_avg_pool,
+                      window_interpolate, window_view, write_tile)
+from ..spatial import Barrier, SpatialRule, window_fn
 from ..tiling import RegionNode, RegionSpec, crop_key, min_input_extent
 from .receptive_field import NodeFacts, Provenance, facts
 
@@ -159,6 +159,8 @@ class _BodyBuilder:
     def node(self, op, target, args, kwargs=None, name=None, origin="", role="op"):
         n = self.g.create_node(op, target, tuple(args), dict(kwargs or {}), name=name)
         n.meta["tilefx"] = _made(origin, role)
+        if op == "call_function" and target in LEAF_FUNCTIONS:
+            n.meta["is_wrapped"] = True  # a leaf when torch.load re-traces the body's code
         return n
 
     def value(self, u: Node) -> Node:
@@ -195,11 +197,11 @@ class _BodyBuilder:
             w = self.attr(a["weight"]) if "weight" in a else self.env_or_attr(a["weight_node"])
             b = self.attr(a["bias"]) if "weight" in a else (
                 self.env_or_attr(a["bias_node"]) if a["bias_node"] else None)
-            out = self.node("call_function", a["fn"], (x, w, b),
+            out = self.node("call_function", window_fn(low, self.nsp), (x, w, b),
                             dict(stride=a["stride"], padding=0, dilation=a["dilation"],
                                  groups=a["groups"]), name=n.name, origin=n.name)
         elif low == "maxpool":
-            out = self.node("call_function", a["fn"], (x,),
+            out = self.node("call_function", window_fn(low, self.nsp), (x,),
                             dict(kernel_size=a["kernel_size"], stride=a["stride"], padding=0,
                                  dilation=a["dilation"]), name=n.name, origin=n.name)
         elif low == "avgpool":
@@ -215,7 +217,7 @@ class _BodyBuilder:
         elif low == "transposed":
             x = self.crop(n, srcs[0])
             w = self.attr(a["weight"])
-            y = self.node("call_function", a["fn"], (x, w, None),
+            y = self.node("call_function", window_fn(low, self.nsp), (x, w, None),
                           dict(stride=a["stride"], padding=0, output_padding=0, groups=a["groups"],
                                dilation=a["dilation"]), name=f"{n.name}_full", origin=n.name)
             y = self.node("call_function", halo_crop, (y, self.tile, n.name + "@out"),
