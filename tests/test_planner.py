@@ -13,8 +13,9 @@ from tilefx.passes.receptive_field import annotate
 from tilefx.passes.tile_rewrite import tile_rewrite
 from tilefx.trace import trace
 
-# A fixed calibration keeps the tests independent of the machine's load.
-CAL = planner.Calibration(mac_rate=50e9, per_node=100e-6, per_tile=40e-6, per_eager_node=8e-6)
+# A fixed calibration and MAC-based times keep the tests independent of the machine's load.
+CAL = planner.Calibration(mac_rate=50e9, call_s=30e-6, pointwise_call_s=5e-6, reorder_s_per_byte=1e-10)
+TIMING = dict(calibration=CAL, timing="macs")
 
 
 @functools.lru_cache(maxsize=None)
@@ -35,7 +36,7 @@ def _apply(gm, p):
 @functools.lru_cache(maxsize=None)
 def _plan(name, size):
     _, x, gm = _setup(name, size)
-    return planner.plan(gm, x, calibration=CAL)
+    return planner.plan(gm, x, **TIMING)
 
 
 @pytest.mark.parametrize("name", ["mobilenet_v2", "resnet18"])
@@ -59,7 +60,7 @@ def test_budget_picks_fastest_fitting_plan():
     front = _plan("mobilenet_v2", 224).pareto()
     target = front[len(front) // 2]
     budget = int(target.peak_bytes * (1 + planner.BUDGET_MARGIN)) + 1
-    p = planner.plan(gm, x, memory_budget=budget, calibration=CAL)
+    p = planner.plan(gm, x, memory_budget=budget, **TIMING)
     assert p.peak_bytes * (1 + planner.BUDGET_MARGIN) <= budget
     assert all(q.time_s >= p.time_s for q in front
                if q.peak_bytes * (1 + planner.BUDGET_MARGIN) <= budget)
@@ -69,12 +70,12 @@ def test_infeasible_budget_says_best_peak():
     _, x, gm = _setup("mobilenet_v2", 224)
     best = _plan("mobilenet_v2", 224).pareto()[-1].peak_bytes
     with pytest.raises(TilingError, match=str(best)):
-        planner.plan(gm, x, memory_budget=1024, calibration=CAL)
+        planner.plan(gm, x, memory_budget=1024, **TIMING)
 
 
 def test_max_overhead_picks_lowest_peak_within_it():
     _, x, gm = _setup("mobilenet_v2", 224)
-    p = planner.plan(gm, x, max_overhead=0.5, calibration=CAL)
+    p = planner.plan(gm, x, max_overhead=0.5, **TIMING)
     assert p.overhead <= 0.5 + 1e-9
     assert all(q.peak_bytes >= p.peak_bytes for q in p.pareto() if q.overhead <= 0.5)
 
@@ -82,7 +83,7 @@ def test_max_overhead_picks_lowest_peak_within_it():
 def test_plan_does_not_mutate_graph():
     _, x, gm = _setup("resnet18", 224)
     code = gm.code
-    planner.plan(gm, x, calibration=CAL)
+    planner.plan(gm, x, **TIMING)
     assert gm.code == code
 
 

@@ -11,6 +11,7 @@ import torch
 from torch.fx import GraphModule
 from torch.utils._pytree import tree_flatten
 
+from . import planner
 from .errors import TilingError
 from .passes.receptive_field import annotate, facts
 from .passes.tile_rewrite import tile_rewrite
@@ -132,20 +133,15 @@ def _choose(gm, x, merge, tiles, memory_budget, max_overhead):
         if tiles is None:
             tiles = _default_grid(gm, merge, x)
         return [(merge, tiles)]
-    try:
-        from . import planner
-    except ImportError:  # pragma: no cover - the planner ships with tilefx
-        planner = None
-    if planner is not None and hasattr(planner, "plan"):
-        kwargs = dict(memory_budget=memory_budget, max_overhead=max_overhead)
-        if tiles is not None:
-            kwargs["tiles"] = tiles
-        try:
-            return planner.plan(gm, x, **kwargs)
-        except TypeError:
-            kwargs.pop("tiles", None)
-            return planner.plan(gm, x, **kwargs)
-    raise TilingError("no planner available: pass merge= and tiles=")
+    grid = None if tiles is None else _as_grid(tiles, x.dim() - 2)
+    return planner.plan(gm, x, memory_budget=memory_budget, max_overhead=max_overhead, tiles=grid)
+
+
+def _as_grid(tiles: Any, nsp: int) -> tuple[int, ...]:
+    grid = (tiles,) * nsp if isinstance(tiles, int) else tuple(tiles)
+    if len(grid) != nsp or any(not isinstance(t, int) or isinstance(t, bool) or t < 1 for t in grid):
+        raise TilingError(f"tiles={tiles!r}: give a positive int or one per spatial axis ({nsp})")
+    return grid
 
 
 def _default_grid(gm: GraphModule, merge: Any, x: torch.Tensor) -> tuple[int, ...]:

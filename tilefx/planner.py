@@ -2,7 +2,7 @@
 
 A plan is a sequence of regions, each a merge node and a tile grid, applied in order with
 ``tile_rewrite`` (an empty sequence is the untiled model). The planner never runs the model's
-kernels per candidate. It fake-runs the annotated graph once (``passes.memory.record``: storages,
+kernels per candidate. It times the untiled graph once (``tilefx.cost``), fake-runs the annotated graph once (``passes.memory.record``: storages,
 aliases, bytes, MACs, scratch memory), then scores each candidate with integer window
 arithmetic:
 
@@ -17,10 +17,11 @@ arithmetic:
   the map (then ``F.pad`` copies it), plus the CPU scratch model of ``passes.memory``. The
   region call holds its full-size output buffers and the largest tile; the rest of the graph is
   the untiled liveness, so a plan's peak is the max over the outer steps.
-* **Time.** ``untiled + extra MACs / mac_rate + tiles x (window_ops x per_node + other_nodes x
-  per_tile / 8)``.
-  :func:`calibrate` measures ``mac_rate`` (a 3x3 convolution), ``per_node`` and ``per_tile`` (a
-  small conv-bn-relu region run at 1x1 and 4x4 tiles) on this machine once per process.
+* **Time.** Every node costs ``fixed + per_pixel x positions`` per call (``tilefx.cost``): by
+  default measured once on the untiled graph (the one time the planner runs kernels), or from
+  MACs alone with ``timing="macs"``. A region on ``T`` tiles pays each node's fixed part ``T``
+  times and its per-pixel part on every window (halos included), plus a crop and a write call
+  per window op and region output per tile.
 * **Frontier.** For a fixed sequence of cuts the choices couple only through
   ``peak = max(...)`` and ``time = sum(...)``, so the per-region grid frontiers are combined
   exactly; plans are pooled over all cut sequences (up to :data:`MAX_REGIONS` regions) and the
@@ -38,16 +39,14 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 from torch.fx import GraphModule, Node
 
+from .cost import Calibration, NodeCost, calibrate, mac_node_costs, measure_node_costs
 from .errors import TilingError
 from .passes.memory import Step, conv_workspace, liveness, record
 from .passes.receptive_field import facts
@@ -118,79 +117,6 @@ class Plan:
                 f"predicted time {self.overhead:+.1%}")
 
 
-# --------------------------------------------------------------------------- calibration
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """Machine constants of the time model: MACs per second, seconds per window op (conv,
-    pooling) per tile, seconds per tile (pointwise nodes, crops, writes), per eager node."""
-
-    mac_rate: float
-    per_node: float
-    per_tile: float
-    per_eager_node: float
-
-
-def _best_time(fn, *args, repeats: int = 15) -> float:
-    """The fastest of ``repeats`` calls: the least disturbed by other processes."""
-    with torch.no_grad():
-        fn(*args)
-        ts = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn(*args)
-            ts.append(time.perf_counter() - t0)
-    return min(ts)
-
-
-@functools.lru_cache(maxsize=None)
-def calibrate() -> Calibration:
-    """Measure the time model's constants on this machine (about half a second, once).
-
-    ``mac_rate`` from a 64-channel 3x3 convolution at 56x56; ``per_node``/``per_tile`` from
-    a 6-op conv-bn-relu region run untiled and on a 4x4 grid at a size where compute is
-    negligible, so the difference is the tile loop's overhead (crops, writes, dispatch).
-    """
-    from .passes.receptive_field import annotate
-    from .passes.tile_rewrite import tile_rewrite
-    from .trace import trace
-
-    torch.manual_seed(0)
-    x = torch.randn(1, 64, 56, 56)
-    w = torch.randn(64, 64, 3, 3)
-    # A region of 32-channel conv-bn-relu pairs whose 4x4 tiles are 16x16, as in a real plan:
-    # the difference to the untiled run is the tile loop's cost beyond the MACs (per-call
-    # dispatch, weight reorders, smaller and less efficient kernels, crops and writes).
-    net = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-                        nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-                        nn.Flatten()).eval()
-    small = torch.randn(1, 32, 64, 64)
-    gm = annotate(trace(net), small)
-    merge = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "6"]
-    tiled = tile_rewrite(gm, merge, 4)
-    # Interleaved rounds, fastest of each: other processes slow all three alike.
-    fns = [lambda: F.conv2d(x, w, padding=1), lambda: gm(small), lambda: tiled(small)]
-    best = [math.inf] * 3
-    with torch.no_grad():
-        for f in fns:
-            f()
-        for _ in range(15):
-            for k, f in enumerate(fns):
-                t0 = time.perf_counter()
-                f()
-                best[k] = min(best[k], time.perf_counter() - t0)
-    mac_rate = 64 * 56 * 56 * 64 * 9 / best[0]
-    halo = 2 * 32 * 32 * 9 * (16 * 18 * 18 - 64 * 64)  # extra MACs of the 4x4 halos
-    per_tile_total = max((best[2] - best[1] - halo / mac_rate) / 16, 1e-6)
-    # Pointwise nodes, crops and writes cost a few microseconds of dispatch each (measured
-    # separately: ~5 us); what remains is per window op (convolution or pooling).
-    per_tile = 8 * 5e-6
-    per_node = max(per_tile_total - per_tile, 1e-6) / 2
-    per_eager = 8e-6  # fx dispatch of one eager node (small next to its kernel)
-    return Calibration(mac_rate, per_node, per_tile, per_eager)
-
-
 # --------------------------------------------------------------------------- the static model
 
 
@@ -209,7 +135,7 @@ class _Segment:
 class _Model:
     """What the planner knows about an annotated graph at the example input."""
 
-    def __init__(self, gm: GraphModule, x: torch.Tensor):
+    def __init__(self, gm: GraphModule, x: torch.Tensor, cal: Calibration, timing: str):
         self.gm = gm
         self.nodes = list(gm.graph.nodes)
         self.index = {n: i for i, n in enumerate(self.nodes)}
@@ -224,7 +150,24 @@ class _Model:
         peak, _, _ = liveness(self.steps, self.keep)
         self.baseline_peak = peak
         self.total_macs = sum(i["macs"] for i in self.info.values())
+        self.cal = cal
+        if timing == "measured":
+            self.costs = measure_node_costs(gm, x, cal)
+        elif timing == "macs":
+            self.costs = mac_node_costs(gm, {k: v["macs"] for k, v in self.info.items()}, cal)
+        else:
+            raise TilingError(f"timing={timing!r}: use 'measured' (default) or 'macs'")
+        self.base_time = sum(self.cost(n).time(self.positions(n)) for n in self.nodes)
         self.cuts = self._cuts()
+
+    def cost(self, n: Node) -> NodeCost:
+        return self.costs.get(n.name, NodeCost(0.0, 0.0))
+
+    def positions(self, n: Node) -> int:
+        """Spatial positions of ``n``'s output at the example shape (0 for non-spatial nodes)."""
+        if "tilefx" not in n.meta or not facts(n).spatial or facts(n).sizes is None:
+            return 0
+        return math.prod(facts(n).sizes)
 
     def bpp(self, n: Node) -> float:
         """Bytes per spatial position of ``n``'s output."""
@@ -420,16 +363,24 @@ def _body(model: _Model, seg: _Segment):
                          readers.get(src.name, 0) > 1)))
     macs_pp = np.array([model.info.get(nm, {}).get("macs", 0) / max(math.prod(facts(by_name[nm]).sizes), 1)
                         for nm in names])
-    seg.body = (A, owner, bpp_storage, ops, macs_pp)
+    costs = [model.cost(n) for n in seg.nodes]
+    time_pp = np.array([c.per_pixel_s for c in costs])
+    fixed = float(sum(c.fixed_s for c in costs))
+    # Per tile: a halo crop per window-op input and a write per region output, each a call.
+    calls = sum(len(facts(n).rule.inputs) for n in seg.nodes
+                if facts(n).rule.lowering in _WINDOW_LOWERINGS) + len(seg.outputs)
+    fixed += calls * model.cal.pointwise_call_s
+    seg.body = (A, owner, bpp_storage, ops, macs_pp, time_pp, fixed)
     return seg.body
 
 
 def _tile_cost(model: _Model, seg: _Segment, grid: tuple[int, ...]):
-    """(largest tile's peak bytes, extra MACs) of ``seg`` on ``grid``, or None if it does not fit."""
+    """(largest tile's peak bytes, extra MACs, extra seconds) of ``seg`` on ``grid``, or None if
+    it does not fit. Extra seconds: the tiled region's predicted time minus its untiled time."""
     axes = [_axis_windows(model, seg, a, t) for a, t in enumerate(grid)]
     if any(a is None for a in axes):
         return None
-    A, owner, bpp_s, ops, macs_pp = _body(model, seg)
+    A, owner, bpp_s, ops, macs_pp, time_pp, fixed = _body(model, seg)
 
     def outer(arrs):  # per-axis rows -> per-tile products, flattened over the grid
         out = arrs[0]
@@ -460,9 +411,12 @@ def _tile_cost(model: _Model, seg: _Segment, grid: tuple[int, ...]):
                 trans[i] += 2 * out_b
     peak = float((live + trans).max()) if live.size else 0.0
     sums = [ax[0].sum(axis=1) for ax in axes]
-    tiled_macs = macs_pp * functools.reduce(np.multiply, sums)
-    full = macs_pp * np.array([math.prod(facts(n).sizes) for n in seg.nodes])
-    return peak, float(tiled_macs.sum() - full.sum())
+    tiled_px = functools.reduce(np.multiply, sums)  # per node: positions summed over all tiles
+    full_px = np.array([math.prod(facts(n).sizes) for n in seg.nodes])
+    extra_macs = float((macs_pp * (tiled_px - full_px)).sum())
+    n_tiles = math.prod(grid)
+    extra_time = float((time_pp * (tiled_px - full_px)).sum()) + (n_tiles - 1) * fixed
+    return peak, extra_macs, extra_time
 
 
 # --------------------------------------------------------------------------- plans
@@ -497,20 +451,16 @@ def _outer_peaks(model: _Model, segs: list[_Segment]) -> tuple[float, list[float
     return rest, [at[k] for k in range(len(segs))]
 
 
-def _grid_options(model: _Model, seg: _Segment, cal: Calibration):
-    """Pareto points (peak inside the call beyond its buffers, time, extra MACs, grid)."""
+def _grid_options(model: _Model, seg: _Segment, tiles: tuple[int, ...] | None):
+    """Pareto points (peak inside the call beyond its buffers, extra time, extra MACs, grid)."""
     pts = []
-    for t in range(1, MAX_TILES + 1):
-        grid = (t,) * model.nsp
+    grids = [tiles] if tiles else [(t,) * model.nsp for t in range(1, MAX_TILES + 1)]
+    for grid in grids:
         r = _tile_cost(model, seg, grid)
         if r is None:
             break
-        peak, extra = r
-        n_tiles = t ** model.nsp
-        n_window = sum(facts(n).rule.lowering in _WINDOW_LOWERINGS for n in seg.nodes)
-        n_other = len(seg.nodes) - n_window
-        tm = extra / cal.mac_rate + n_tiles * (cal.per_tile * n_other / 8 + n_window * cal.per_node)
-        pts.append((peak, tm, extra, grid))
+        peak, extra, extra_time = r
+        pts.append((peak, extra_time, extra, grid))
     return _pareto(pts, key=lambda p: (p[0], p[1]))
 
 
@@ -525,11 +475,16 @@ def _pareto(items, key):
 
 def plan(gm: GraphModule, example_input: torch.Tensor, *, memory_budget: int | None = None,
          max_overhead: float | None = None, max_regions: int = MAX_REGIONS,
-         calibration: Calibration | None = None) -> Plan:
+         calibration: Calibration | None = None, timing: str = "measured",
+         tiles: tuple[int, ...] | None = None) -> Plan:
     """Choose merge node(s) and tile grids for an annotated GraphModule.
 
     ``gm`` must carry ``tensor_meta`` and receptive-field facts (``trace`` then ``annotate``);
     it is not modified. See the module docstring for the models and the choice rule.
+    ``timing="measured"`` (default) times the untiled graph once on this machine;
+    ``timing="macs"`` predicts time from MACs and ``calibration`` alone (deterministic).
+    ``tiles`` fixes every region's tile grid (one count per spatial axis); the planner then
+    chooses only the merge node(s).
 
     >>> import torch, torchvision
     >>> from tilefx.trace import trace
@@ -544,8 +499,8 @@ def plan(gm: GraphModule, example_input: torch.Tensor, *, memory_budget: int | N
     True
     """
     cal = calibration or calibrate()
-    model = _Model(gm, example_input)
-    base_time = model.total_macs / cal.mac_rate + len(model.steps) * cal.per_eager_node
+    model = _Model(gm, example_input, cal, timing)
+    base_time = model.base_time
     base_peak = model.baseline_peak
     starts = [0] + model.cuts
     options: dict[tuple[int, int], list] = {}
@@ -553,10 +508,11 @@ def plan(gm: GraphModule, example_input: torch.Tensor, *, memory_budget: int | N
     def opts(a: int, b: int):
         if (a, b) not in options:
             seg = model.segment(a, b)
-            options[(a, b)] = (seg, _grid_options(model, seg, cal)) if seg else (None, [])
+            options[(a, b)] = (seg, _grid_options(model, seg, tiles)) if seg else (None, [])
         return options[(a, b)]
 
-    candidates = [(base_peak, base_time, 0.0, ())]
+    # A user-fixed grid asks for tiling: the untiled plan is then no candidate.
+    candidates = [] if tiles else [(base_peak, base_time, 0.0, ())]
     sequences = [(c,) for c in model.cuts]
     chain = model.chain_cuts()
     for k in range(2, max_regions + 1):
@@ -577,11 +533,17 @@ def plan(gm: GraphModule, example_input: torch.Tensor, *, memory_budget: int | N
                 peak = max([rest] + [a + c[0] for a, c in zip(at, combo)])
                 tm = base_time + sum(c[1] for c in combo)
                 extra = sum(c[2] for c in combo)
-                if any(c[3] == (1,) * model.nsp for c in combo):
+                if any(math.prod(c[3]) == 1 for c in combo):
                     continue  # a 1x1 region is the untiled computation plus copies
                 regions = tuple(RegionChoice((model.nodes[b].name,), c[3])
                                 for (a, b), c in zip(bounds, combo))
                 candidates.append((peak, tm, extra, regions))
+    if not candidates:
+        raise TilingError(
+            f"tiles={tiles}: no merge node has a region whose outputs are at least that many "
+            f"positions per axis at input shape {tuple(example_input.shape)}; use fewer tiles "
+            "or a larger input"
+        )
     front = _pareto(candidates, key=lambda c: (c[0], c[1]))
     plans = [Plan(regions=c[3], peak_bytes=int(round(c[0])), baseline_peak_bytes=int(base_peak),
                   extra_compute=c[2] / max(model.total_macs, 1), time_s=c[1],

@@ -1,0 +1,93 @@
+"""The time model's per-node costs (tilefx.cost) and the planner options built on them.
+
+No test here asserts a duration: timings are the benchmarks' job. These check the invariants
+the planner relies on (every computed node has a non-negative cost, the fixed part is at least
+the call's dispatch) and that user-fixed grids are honoured.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import tilefx
+from tilefx import planner
+from tilefx.cost import Calibration, NodeCost, mac_node_costs, measure_node_costs
+from tilefx.passes.memory import record
+from tilefx.passes.receptive_field import annotate
+from tilefx.region import TiledRegion
+from tilefx.trace import trace
+
+CAL = Calibration(mac_rate=50e9, call_s=30e-6, pointwise_call_s=5e-6, reorder_s_per_byte=1e-10)
+
+
+def net() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, stride=2, padding=1),
+        nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(32, 10),
+    ).eval()
+
+
+def _computed(gm):
+    return [n for n in gm.graph.nodes if n.op not in ("placeholder", "get_attr", "output")]
+
+
+def test_measured_costs_cover_every_node_and_are_non_negative():
+    x = torch.randn(1, 3, 96, 64)
+    gm = annotate(trace(net()), x)
+    costs = measure_node_costs(gm, x, CAL)
+    assert {n.name for n in _computed(gm)} <= set(costs)
+    for name, c in costs.items():
+        assert c.fixed_s >= 0 and c.per_pixel_s >= 0, (name, c)
+    conv = costs["_0"]
+    # A convolution's fixed part is at least its dispatch (plus its weight reorder).
+    assert conv.fixed_s >= min(CAL.call_s, conv.time(96 * 64)) - 1e-12
+
+
+def test_measured_costs_at_reduced_shape_for_large_inputs():
+    x = torch.randn(1, 3, 160, 160)
+    gm = annotate(trace(net()), x)
+    costs = measure_node_costs(gm, x, CAL, max_pixels=40 * 40)
+    assert {n.name for n in _computed(gm)} <= set(costs)
+    assert costs["_0"].per_pixel_s >= 0
+
+
+def test_mac_costs_are_deterministic_and_scale_with_macs():
+    x = torch.randn(1, 3, 64, 64)
+    gm = annotate(trace(net()), x)
+    macs = {k: v["macs"] for k, v in record(gm, x).info.items()}
+    a, b = mac_node_costs(gm, macs, CAL), mac_node_costs(gm, macs, CAL)
+    assert a == b
+    # conv _4 (16->32 at 64x64) has twice the MACs per position of conv _2 (16->16 at 32x32).
+    assert a["_4"].per_pixel_s == pytest.approx(2 * a["_2"].per_pixel_s)
+    assert a["_1"].per_pixel_s == 0.0  # relu: no MACs, only its call
+
+
+def test_node_cost_time():
+    assert NodeCost(1.0, 0.5).time(4, calls=3) == pytest.approx(5.0)
+
+
+def test_unknown_timing_is_a_tiling_error():
+    x = torch.randn(1, 3, 64, 64)
+    gm = annotate(trace(net()), x)
+    with pytest.raises(tilefx.TilingError, match="timing="):
+        planner.plan(gm, x, calibration=CAL, timing="guess")
+
+
+def test_tiles_without_merge_fixes_the_grid():
+    """transform(model, x, tiles=...) lets the planner choose the merge node only."""
+    m, x = net(), torch.randn(2, 3, 64, 48)
+    gm = tilefx.transform(m, x, tiles=(2, 3))
+    regions = [r for r in gm.modules() if isinstance(r, TiledRegion)]
+    assert regions and all(r.grid == (2, 3) for r in regions)
+    with torch.no_grad():
+        # float32: tiles sum each convolution in another order; three layers stay near 1e-6.
+        torch.testing.assert_close(gm(x), m(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tiles", [0, (2,), (2, 2, 2), (2.5, 2), True])
+def test_bad_tiles_are_a_tiling_error(tiles):
+    with pytest.raises(tilefx.TilingError, match="tiles="):
+        tilefx.transform(net(), torch.randn(1, 3, 64, 64), tiles=tiles)
