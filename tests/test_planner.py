@@ -6,11 +6,13 @@ import pytest
 import torch
 import torchvision
 
+import tilefx
 from tilefx import TilingError, planner
 from tilefx.measure import peak_memory
 from tilefx.passes.memory import simulate
 from tilefx.passes.receptive_field import annotate
 from tilefx.passes.tile_rewrite import tile_rewrite
+from tilefx.region import TiledRegion
 from tilefx.trace import trace
 
 # A fixed calibration and MAC-based times keep the tests independent of the machine's load.
@@ -113,3 +115,16 @@ def test_pareto_plans_apply_and_match_their_prediction():
 def test_str_is_readable():
     text = str(_plan("resnet18", 224))
     assert "MiB" in text and "peak" in text
+
+
+def test_public_plan_applies_with_transform():
+    """tilefx.plan(model, x) plans without rewriting; transform(..., plan=p) applies it."""
+    model, x, _ = _setup("mobilenet_v2", 224)
+    p = tilefx.plan(model, x, max_overhead=10.0)
+    assert p.regions and p.peak_bytes < p.baseline_peak_bytes
+    gm = tilefx.transform(model, x, plan=p)
+    assert [tuple(r.grid) for r in gm.modules() if isinstance(r, TiledRegion)] == \
+        [r.tiles for r in p.regions]
+    with torch.no_grad():
+        # float32, ~50 layers: tiles change each convolution's summation order (~1e-6 each).
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-5)

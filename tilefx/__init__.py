@@ -2,7 +2,7 @@
 
 from .errors import TilingError
 from .region import TiledRegion
-from .api import compare, explain, transform
+from .api import compare, explain, plan, transform
 
-__all__ = ["TilingError", "TiledRegion", "transform", "explain", "compare"]
+__all__ = ["TilingError", "TiledRegion", "transform", "plan", "explain", "compare"]
 __version__ = "0.1.0"

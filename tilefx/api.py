@@ -105,11 +105,7 @@ def transform(model: torch.nn.Module, example_input: torch.Tensor | None = None,
     True
     """
     x = example_input if example_input is not None else reference_input(model)
-    _check_rank(model, x)
-    gm = trace(model)
-    _check_eval_mode(gm)
-    check_traced(model, gm, x)
-    annotate(gm, x)
+    gm = _prepare(model, x)
     if plan is None:
         plan = _choose(gm, x, merge, tiles, memory_budget, max_overhead)
     out = gm
@@ -120,6 +116,40 @@ def transform(model: torch.nn.Module, example_input: torch.Tensor | None = None,
     out.meta["tilefx_plan"] = plan
     out.meta["tilefx_example_shape"] = tuple(x.shape)
     return out
+
+
+def _prepare(model: torch.nn.Module, x: torch.Tensor) -> GraphModule:
+    """Trace ``model``, check the trace against eager on ``x``, annotate receptive fields."""
+    _check_rank(model, x)
+    gm = trace(model)
+    _check_eval_mode(gm)
+    check_traced(model, gm, x)
+    return annotate(gm, x)
+
+
+def plan(model: torch.nn.Module, example_input: torch.Tensor | None = None, *,
+         tiles: int | tuple[int, ...] | None = None, memory_budget: int | None = None,
+         max_overhead: float | None = None) -> "planner.Plan":
+    """Plan the tiling of ``model`` without rewriting it: merge node(s), tile grids, predictions.
+
+    The returned :class:`tilefx.planner.Plan` carries the predicted peak (``peak_bytes``,
+    ``baseline_peak_bytes``), the halos' extra MACs (``extra_compute``), the predicted time
+    (``overhead``) and every Pareto-optimal alternative (``pareto()``, lowest peak last). Pass
+    it to :func:`transform` as ``plan=`` to apply it. Options as in :func:`transform`.
+
+    >>> import torch, torchvision, tilefx
+    >>> model = torchvision.models.mobilenet_v2().eval()
+    >>> x = torch.randn(1, 3, 512, 512)
+    >>> p = tilefx.plan(model, x)
+    >>> p.peak_bytes < p.baseline_peak_bytes
+    True
+    >>> gm = tilefx.transform(model, x, plan=p)
+    >>> torch.testing.assert_close(gm(x), model(x))
+    """
+    x = example_input if example_input is not None else reference_input(model)
+    gm = _prepare(model, x)
+    grid = None if tiles is None else _as_grid(tiles, x.dim() - 2)
+    return planner.plan(gm, x, memory_budget=memory_budget, max_overhead=max_overhead, tiles=grid)
 
 
 def _regions(plan: Any) -> list[tuple[Any, Any]]:

@@ -221,12 +221,9 @@ def _mib(b: float) -> str:
 def _plan_for(model: Any, x: Any, budget: int | None, max_overhead: float | None) -> tuple[Any, Any]:
     """(plan, annotated GraphModule): trace, check, annotate and ask the planner."""
     from . import planner
-    from .passes.receptive_field import annotate
-    from .trace import check_traced, trace
+    from .api import _prepare
 
-    gm = trace(model)
-    check_traced(model, gm, x)
-    annotate(gm, x)
+    gm = _prepare(model, x)
     return planner.plan(gm, x, memory_budget=budget, max_overhead=max_overhead), gm
 
 
