@@ -16,7 +16,7 @@ from .errors import TilingError
 from .passes.receptive_field import annotate, facts
 from .passes.tile_rewrite import tile_rewrite
 from .region import TiledRegion
-from .trace import check_traced, trace
+from .trace import trace
 
 __all__ = ["transform", "explain", "compare", "Comparison", "reference_input"]
 
@@ -42,20 +42,6 @@ def reference_input(model: torch.nn.Module) -> torch.Tensor:
     )
 
 
-_TRAIN_SENSITIVE = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.dropout._DropoutNd)
-
-
-def _check_eval_mode(gm: GraphModule) -> None:
-    """Refuse modules that behave differently in training mode, before anything runs them
-    (running a BatchNorm in training mode would update the caller's running statistics)."""
-    for n in gm.graph.nodes:
-        if n.op == "call_module":
-            m = gm.get_submodule(n.target)
-            if isinstance(m, _TRAIN_SENSITIVE) and m.training:
-                raise TilingError(
-                    f"node {n.format_node()}: {type(m).__name__} is in training mode; tilefx "
-                    "tiles inference only: call model.eval() before tilefx.transform"
-                )
 
 
 def _check_rank(model: torch.nn.Module, x: Any) -> None:
@@ -121,9 +107,9 @@ def transform(model: torch.nn.Module, example_input: torch.Tensor | None = None,
 def _prepare(model: torch.nn.Module, x: torch.Tensor) -> GraphModule:
     """Trace ``model``, check the trace against eager on ``x``, annotate receptive fields."""
     _check_rank(model, x)
-    gm = trace(model)
-    _check_eval_mode(gm)
-    check_traced(model, gm, x)
+    # Refuses training mode before anything runs, runs the graph on x (submodules whose traced
+    # code fails there become opaque leaves) and checks it against eager.
+    gm = trace(model, x)
     return annotate(gm, x)
 
 

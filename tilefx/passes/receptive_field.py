@@ -15,6 +15,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import TilingError
+from ..trace import module_path, mutable_args
 from ..spatial import Barrier, RuleContext, SpatialRule, rule_for
 
 __all__ = ["Provenance", "NodeFacts", "ReceptiveField", "annotate", "facts"]
@@ -73,8 +74,26 @@ class ReceptiveField(ShapeProp):
             self.nsp = x.dim() - 2
         return super().propagate(*args)
 
+    def fetch_args_kwargs_from_env(self, n: Node) -> tuple[tuple, dict]:
+        # Fresh mutable lists, as the GraphModule's generated code builds them on every call.
+        args, kwargs = super().fetch_args_kwargs_from_env(n)
+        return mutable_args(args), mutable_args(kwargs)
+
     def run_node(self, n: Node) -> Any:
-        result = super().run_node(n)
+        try:
+            result = super().run_node(n)
+        except TilingError:
+            raise
+        except Exception as e:
+            cause = e.__cause__ if e.__cause__ is not None else e  # ShapeProp wraps the error
+            paths = module_path(n)
+            where = f" (in module {paths[-1]!r})" if paths else ""
+            raise TilingError(
+                f"node {n.format_node()}{where} fails when the traced graph runs on the example "
+                f"input: {type(cause).__name__}: {cause}. Trace with tilefx.trace(model, x), which "
+                "runs the graph and keeps the submodules whose traced code fails as opaque leaves, "
+                "and check that the model itself runs on x"
+            ) from cause
         n.meta["tilefx"] = _facts_of(n, self.module, self.nsp)
         return result
 
@@ -86,6 +105,20 @@ def _facts_of(n: Node, gm: GraphModule, nsp: int) -> NodeFacts:
     if n.op in ("placeholder", "get_attr", "output"):
         return NodeFacts(Barrier(f"{n.op} node"), sizes)
     rule = rule_for(n, module, nsp)
+    if isinstance(rule, SpatialRule):
+        # A spatial input must be a tensor a tile can be cut from, or (a chunk/split's tuple)
+        # a spatial node whose tiles the region computes itself. A tuple or list made by a
+        # barrier would enter the region whole, as an argument no crop can apply to.
+        by_name = {m.name: m for m in n.all_input_nodes}
+        for name, _ in rule.inputs:
+            src = by_name.get(name)
+            if src is None or hasattr(src.meta.get("tensor_meta"), "shape"):
+                continue
+            f = src.meta.get("tilefx")
+            if f is None or not f.spatial:
+                rule = Barrier(f"reads {name}, a {type(src.meta.get('tensor_meta')).__name__} "
+                               "made by a barrier node, not a tensor a tile can be cut from")
+                break
     if isinstance(rule, SpatialRule):
         # The table is checked against the traced shapes: a rule whose output extent disagrees
         # with what the op really produced is a bug in the rule, and becomes a barrier.
