@@ -20,6 +20,7 @@ from torchvision import models
 
 import tilefx
 from tilefx import TilingError
+from tilefx.passes.channels_last import fold_channels_last
 from tilefx.passes.receptive_field import annotate, facts
 from tilefx.passes.tile_rewrite import find_region
 from tilefx.region import TiledRegion
@@ -101,7 +102,8 @@ def check_model(name: str) -> None:
     x = example(name)
     grid = (2,) * (x.dim() - 2)
     try:
-        gm0 = annotate(trace(model, x), x)  # as transform() traces: leaves where runs fail
+        # as transform() prepares it: leaves where runs fail, channels-last blocks folded
+        gm0 = annotate(fold_channels_last(trace(model, x)), x)
         merge, size = pick_merge(gm0, grid)
         gm = tilefx.transform(model, x, merge=merge, tiles=grid)
     except TilingError as e:

@@ -13,6 +13,7 @@ from torch.utils._pytree import tree_flatten
 
 from . import planner
 from .errors import TilingError
+from .passes.channels_last import fold_channels_last
 from .passes.receptive_field import annotate, facts
 from .passes.tile_rewrite import tile_rewrite
 from .region import TiledRegion
@@ -105,12 +106,14 @@ def transform(model: torch.nn.Module, example_input: torch.Tensor | None = None,
 
 
 def _prepare(model: torch.nn.Module, x: torch.Tensor) -> GraphModule:
-    """Trace ``model``, check the trace against eager on ``x``, annotate receptive fields."""
+    """Trace ``model``, check the trace against eager on ``x``, fold channels-last blocks,
+    annotate receptive fields."""
     _check_rank(model, x)
     # Refuses training mode before anything runs, runs the graph on x (submodules whose traced
     # code fails there become opaque leaves) and checks it against eager.
     gm = trace(model, x)
-    return annotate(gm, x)
+    # ConvNeXt-style NHWC blocks become one pointwise call each, so they can join a region.
+    return annotate(fold_channels_last(gm), x)
 
 
 def plan(model: torch.nn.Module, example_input: torch.Tensor | None = None, *,

@@ -370,7 +370,10 @@ def _body(model: _Model, seg: _Segment):
     calls = sum(len(facts(n).rule.inputs) for n in seg.nodes
                 if facts(n).rule.lowering in _WINDOW_LOWERINGS) + len(seg.outputs)
     fixed += calls * model.cal.pointwise_call_s
-    seg.body = (A, owner, bpp_storage, ops, macs_pp, time_pp, fixed)
+    # Scratch memory a node holds while it runs, per output position (a folded channels-last
+    # block's hidden MLP activation), beyond the workspace models of ``ops``.
+    scratch_pp = np.array([model.info.get(nm, {}).get("transient_pp", 0.0) for nm in names])
+    seg.body = (A, owner, bpp_storage, ops, macs_pp, time_pp, fixed, scratch_pp)
     return seg.body
 
 
@@ -380,7 +383,7 @@ def _tile_cost(model: _Model, seg: _Segment, grid: tuple[int, ...]):
     axes = [_axis_windows(model, seg, a, t) for a, t in enumerate(grid)]
     if any(a is None for a in axes):
         return None
-    A, owner, bpp_s, ops, macs_pp, time_pp, fixed = _body(model, seg)
+    A, owner, bpp_s, ops, macs_pp, time_pp, fixed, scratch_pp = _body(model, seg)
 
     def outer(arrs):  # per-axis rows -> per-tile products, flattened over the grid
         out = arrs[0]
@@ -391,7 +394,7 @@ def _tile_cost(model: _Model, seg: _Segment, grid: tuple[int, ...]):
 
     Ls = outer([ax[0] for ax in axes])                     # nodes x tiles
     live = A @ (bpp_s[:, None] * Ls[owner]) if owner else np.zeros_like(Ls)
-    trans = np.zeros_like(Ls)
+    trans = scratch_pp[:, None] * Ls
     for i, kind, src_bpp, cin, w_bytes, out_bpp, cout, pw, copies in ops:
         crop = src_bpp * outer([ax[1][i] for ax in axes])
         out_b = out_bpp * Ls[i]

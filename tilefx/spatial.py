@@ -21,7 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx import Node
+from torchvision.ops.stochastic_depth import stochastic_depth as _tv_stochastic_depth
 
+from .passes.channels_last import ChannelsLastBlock
 from .windows import IDENTITY, Affine, AxisMap, Interp, Transposed
 
 __all__ = ["PadSpec", "SpatialRule", "Barrier", "RuleContext", "RULES", "rule_for", "window_fn"]
@@ -517,6 +519,13 @@ def flatten(ctx: RuleContext) -> SpatialRule | Barrier:
     return channel_reshape(ctx)
 
 
+def stochastic_depth(ctx: RuleContext) -> SpatialRule | Barrier:
+    """torchvision's stochastic depth: the identity in eval mode, random rows in training."""
+    if ctx.bind(_tv_stochastic_depth)["training"] is not False:
+        return Barrier("stochastic depth in training mode; call model.eval() first")
+    return pointwise(ctx)
+
+
 def global_barrier(ctx: RuleContext) -> Barrier:
     return Barrier(f"{_op_name(ctx.node)} reads the whole feature map (global or adaptive)")
 
@@ -564,6 +573,8 @@ RULES[torch.concat] = cat
 for _k in (torch.chunk, torch.split, ("method", "chunk"), ("method", "split")):
     RULES[_k] = chunk_split
 RULES[operator.getitem] = getitem
+RULES[ChannelsLastBlock] = module_pointwise  # per-position work in NHWC, folded by passes.channels_last
+RULES[_tv_stochastic_depth] = stochastic_depth
 for _k in (("method", "view"), ("method", "reshape"), torch.reshape, ("method", "transpose"),
            torch.transpose, ("method", "permute"), torch.permute, torch.flatten,
            ("method", "flatten")):

@@ -38,6 +38,8 @@ from torch.fx import GraphModule
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_flatten
 
+from .channels_last import ChannelsLastBlock
+
 __all__ = ["MemoryProfile", "Step", "simulate", "record", "liveness", "cpu_workspace", "conv_workspace",
            "tile_workspace_kind"]
 
@@ -246,6 +248,10 @@ class _Recorder(torch.fx.Interpreter):
         if isinstance(result, torch.Tensor):
             info.update(key=self._key(result), nbytes=_nbytes(result), channels=(
                 result.shape[1] if result.dim() > 1 else 1))
+        if isinstance(module, ChannelsLastBlock) and isinstance(result, torch.Tensor):
+            step.transient = _block_transient(module, args[0], result, self.workspace, self.external)
+            # per output position, so a tile's share follows its window (planner._tile_cost)
+            info["transient_pp"] = step.transient / max(math.prod(result.shape[2:]), 1)
         if kind is not None:
             x, w, k_, s = _op_params(n, module, args, kwargs)
             if kind == "conv" and isinstance(w, torch.Tensor):
@@ -254,6 +260,18 @@ class _Recorder(torch.fx.Interpreter):
                 step.transient = cpu_workspace(kind, x, w, result, k_, s)
         self.steps.append(step)
         return result
+
+
+def _block_transient(block: ChannelsLastBlock, x: torch.Tensor, out: torch.Tensor,
+                     workspace: str | None, external: set) -> int:
+    """What a folded channels-last block holds beyond its output: its body's own peak (the
+    MLP's hidden activation) less the output it leaves behind."""
+    inner = _Recorder(block.body, workspace,
+                      external=set(external) | {StorageWeakRef(x.untyped_storage())})
+    n = block.nsp
+    inner.run(x.permute(0, *range(2, n + 2), 1))
+    peak, _, _ = liveness(inner.steps)
+    return max(int(peak) - out.untyped_storage().nbytes(), 0)
 
 
 def _macs(n: torch.fx.Node, module: nn.Module | None, args: tuple, kwargs: dict, out: Any) -> int:
@@ -271,6 +289,10 @@ def _macs(n: torch.fx.Node, module: nn.Module | None, args: tuple, kwargs: dict,
         return out.numel() * w.shape[1] * math.prod(w.shape[2:])
     if isinstance(module, nn.Linear):
         return out.numel() * module.in_features
+    if isinstance(module, ChannelsLastBlock):  # its Linear layers, at every position
+        positions = out.numel() // max(out.shape[1], 1)
+        return positions * sum(m.in_features * m.out_features for m in module.body.modules()
+                               if isinstance(m, nn.Linear))
     if n.op == "call_function" and n.target is F.linear:
         w = args[1] if len(args) > 1 else kwargs["weight"]
         return out.numel() * w.shape[1]
