@@ -25,6 +25,7 @@ import torchvision
 import tilefx
 from tilefx import planner
 from tilefx.measure import latency, peak_memory
+from tilefx.passes.channels_last import fold_channels_last
 from tilefx.passes.memory import simulate
 from tilefx.passes.receptive_field import annotate
 from tilefx.passes.tile_rewrite import tile_rewrite
@@ -37,14 +38,15 @@ MODELS = {
     "efficientnet_b0": lambda: torchvision.models.efficientnet_b0(),
     "densenet121": lambda: torchvision.models.densenet121(),
     "regnet_y_400mf": lambda: torchvision.models.regnet_y_400mf(),
+    "convnext_tiny": lambda: torchvision.models.convnext_tiny(),
     "fcn_resnet50": lambda: torchvision.models.segmentation.fcn_resnet50(
         weights=None, weights_backbone=None, aux_loss=False),
 }
 
 #: Plans chosen by hand (issue 2's check: a merge node and a 4x4 grid picked by a person).
 HAND = {
-    "resnet50": planner.RegionChoice(("layer2",), (4, 4)),
-    "mobilenet_v2": planner.RegionChoice(("features.4",), (4, 4)),
+    "resnet50": planner.RegionChoice(("layer3",), (4, 4)),
+    "mobilenet_v2": planner.RegionChoice(("features.7",), (4, 4)),
 }
 
 PUBLISHED = [
@@ -74,7 +76,7 @@ def bench(name: str, size: int, repeats: int, budget: int | None) -> list[dict]:
     torch.manual_seed(0)
     model = MODELS[name]().eval()
     x = torch.randn(1, 3, size, size)
-    gm = annotate(trace(model), x)
+    gm = annotate(fold_channels_last(trace(model)), x)  # as tilefx.transform prepares it
     with torch.no_grad():
         want = model(x)
     want = want["out"] if isinstance(want, dict) else want

@@ -90,13 +90,17 @@ def test_dropout_training_mode(x):
         tilefx.transform(model, x, merge="pool", tiles=2)
 
 
-def test_functional_dropout_training_mode(x):
-    class M(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 3, 3, padding=1)
-            self.head = nn.Conv2d(3, 3, 1)
+class ConvHead(nn.Module):
+    """A convolution then a 1x1 head; tests override ``forward`` with the construct under test."""
 
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.head = nn.Conv2d(3, 3, 1)
+
+
+def test_functional_dropout_training_mode(x):
+    class M(ConvHead):
         def forward(self, x):
             return self.head(F.dropout(self.conv(x), 0.5, self.training))
 
@@ -116,12 +120,7 @@ def test_training_mode_does_not_touch_running_stats(x):
 
 
 def test_untraceable_data_dependent_control_flow(x):
-    class M(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 3, 3, padding=1)
-            self.head = nn.Conv2d(3, 3, 1)
-
+    class M(ConvHead):
         def forward(self, x):
             y = self.conv(x)
             if y.sum() > 0:
@@ -178,12 +177,7 @@ def test_run_with_wrong_rank_after_transform(x):
 
 
 def test_fixed_size_interpolation_refuses_other_shapes():
-    class M(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 3, 3, padding=1)
-            self.head = nn.Conv2d(3, 3, 1)
-
+    class M(ConvHead):
         def forward(self, x):
             return self.head(F.interpolate(self.conv(x), size=(40, 40)))
 

@@ -324,3 +324,18 @@ def test_cuda_save_load_to_cpu():
     buf.seek(0)
     loaded = torch.load(buf, weights_only=False, map_location="cpu")
     torch.testing.assert_close(loaded(x.cpu()), m.cpu()(x.cpu()))
+
+
+def test_one_by_one_windows_keep_nchw():
+    """A grid as fine as the map gives 1x1 windows, contiguous in both layouts: the region's
+    output buffers must stay NCHW for an NCHW network (channels_last there changed oneDNN's
+    path downstream and doubled the peak)."""
+    m = nn.Sequential(nn.Conv2d(3, 16, 3, stride=8, padding=1), nn.ReLU(),
+                      nn.Conv2d(16, 16, 3, padding=1), nn.Flatten()).eval()
+    x = torch.randn(1, 3, 32, 32)
+    gm = tilefx.transform(m, x, merge="3", tiles=(4, 4))  # 4x4 map, 4x4 grid: 1x1 windows
+    (region,) = [r for r in gm.modules() if isinstance(r, TiledRegion)]
+    (out,) = region(x)
+    assert out.is_contiguous() and out.stride(1) == 16
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), m(x), rtol=1e-5, atol=1e-5)  # float32 reorderings

@@ -128,3 +128,26 @@ def test_public_plan_applies_with_transform():
     with torch.no_grad():
         # float32, ~50 layers: tiles change each convolution's summation order (~1e-6 each).
         torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_network_spatial_to_its_end_is_tiled_whole():
+    """A net with no barrier (segmentation-like: its output is a feature map) can merge at the
+    output: the region is the whole network, its output assembled tile by tile."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(32, 32, 3, stride=2, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(32, 4, 1), torch.nn.Upsample(scale_factor=2, mode="nearest"),
+    ).eval()
+    x = torch.randn(1, 3, 128, 128)
+    gm = annotate(trace(m), x)
+    whole = [p for p in planner.plan(gm, x, **TIMING).pareto()
+             if p.regions and p.regions[-1].merge == ("output",)]
+    assert whole, "no plan merges at the output"
+    p = whole[-1]
+    assert p.peak_bytes < p.baseline_peak_bytes
+    tiled = _apply(gm, p)
+    with torch.no_grad():
+        # float32 through three convolutions: tile summation order, ~1e-6.
+        torch.testing.assert_close(tiled(x), m(x), rtol=1e-5, atol=1e-5)
+    assert peak_memory(tiled, x) < peak_memory(gm, x)

@@ -52,4 +52,14 @@ def run(size: int = 512, model_name: str = "resnet50") -> int:
     print(f"max |tiled - untiled| over the logits: {diff:.3g}")
     ok = torch.allclose(out, ref, rtol=1e-4, atol=1e-4)
     print("outputs match" if ok else "OUTPUTS DIFFER")
+
+    # The approximate baseline other tilers ship: the same plan with no halos (seams).
+    plan = gm.meta.get("tilefx_plan")
+    if getattr(plan, "regions", ()):
+        with torch.no_grad():
+            approx = tilefx.transform(model, x, plan=plan, halo=False)
+            exact, seams = tilefx.compare(model, gm, x), tilefx.compare(model, approx, x)
+        print("\n== exact (halo=True) against the no-halo baseline (halo=False), same plan ==")
+        print(f"halo=True   {exact}")
+        print(f"halo=False  {seams}")
     return 0 if ok else 1

@@ -194,11 +194,13 @@ class _Model:
         for i, n in enumerate(self.nodes):
             alive = {u for u in alive if last.get(u, -1) >= i}
             ins = [u for u in n.all_input_nodes if u.op != "get_attr"]
-            if len(alive) == 1 and i > 0 and n.op != "output" and ins and set(ins) <= alive:
+            if len(alive) == 1 and i > 0 and ins and set(ins) <= alive:
                 (t,) = alive
                 rule = facts(n).rule
                 window = isinstance(rule, SpatialRule) and rule.lowering in _WINDOW_LOWERINGS
-                if facts(t).spatial and (window or len(t.users) > 1):
+                # The output is a cut too: a network spatial to its end (segmentation, super-
+                # resolution) is tiled whole, its output assembled in the region's buffer.
+                if facts(t).spatial and (window or len(t.users) > 1 or n.op == "output"):
                     cuts.append(i)
                     self.cut_bytes[i] = self.bpp(t) * math.prod(facts(t).sizes)
             if n.op not in ("placeholder", "get_attr") and n.users:
