@@ -8,8 +8,9 @@ arithmetic:
 
 * **Cuts.** A merge candidate is a node before which exactly one computed tensor is alive and
   read later (a single-tensor cut: ResNet's block boundaries, MobileNet's block outputs and the
-  convolutions inside blocks with no residual). A region spans the spatial ancestors of the
-  merge node after the previous region's cut.
+  convolutions inside blocks with no residual, and the graph's output when it reads a spatial
+  tensor: a segmentation network can be tiled whole). A region spans the spatial ancestors of
+  the merge node after the previous region's cut.
 * **Memory.** Windows are separable per axis (a tile's window is the product of per-axis
   intervals), so the windows of a ``t``-way split are computed once per axis and the bytes of
   every node in every tile are outer products. One tile's liveness follows the body the rewrite
