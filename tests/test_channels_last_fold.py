@@ -95,3 +95,19 @@ def test_memory_model_counts_the_hidden_mlp():
     predicted, measured = simulate(gm, x).peak_bytes, peak_memory(gm, x)
     # the 4C hidden activation dominates; without it the prediction would be ~4x low
     assert predicted == pytest.approx(measured, rel=0.25)
+
+
+def test_fold_keeps_in_place_ops_whose_results_are_unused():
+    """The fold must not drop side effects: MViT writes into tensors with in-place ops whose
+    return values nobody reads (a dead-code pass removed them and changed the output)."""
+
+    class InPlace(nn.Module):
+        def forward(self, x):
+            y = x * 2
+            y.add_(1)  # result unused: the effect is the write into y
+            return y
+
+    gm = trace(InPlace())
+    folded = fold_channels_last(gm)
+    x = torch.randn(1, 3, 4, 4)
+    torch.testing.assert_close(folded(x), x * 2 + 1, rtol=0, atol=0)

@@ -151,9 +151,14 @@ def fold_channels_last(gm: GraphModule) -> GraphModule:
             call = out.graph.call_module(name, (first.args[0],))
         call.meta.update(last.meta)
         last.replace_all_uses_with(call)
+        attrs = {u for n in chain for u in n.all_input_nodes if u.op == "get_attr"}
         for n in reversed(chain):
             out.graph.erase_node(n)
-    out.graph.eliminate_dead_code()
+        # Only the chain's own parameters go; never a general dead-code pass: it would drop
+        # in-place ops whose results are unused (MViT has them) and change the output.
+        for u in attrs:
+            if not u.users:
+                out.graph.erase_node(u)
     out.graph.lint()
     out.recompile()
     return out
