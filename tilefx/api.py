@@ -15,7 +15,7 @@ from . import planner
 from .errors import TilingError
 from .passes.channels_last import fold_channels_last
 from .passes.receptive_field import annotate, facts
-from .passes.tile_rewrite import tile_rewrite
+from .passes.tile_rewrite import tile_grid, tile_rewrite
 from .region import TiledRegion
 from .trace import trace
 
@@ -41,8 +41,6 @@ def reference_input(model: torch.nn.Module) -> torch.Tensor:
     raise TilingError(
         f"{type(model).__name__} has no convolution to infer its input from; pass example_input"
     )
-
-
 
 
 def _check_rank(model: torch.nn.Module, x: Any) -> None:
@@ -136,9 +134,7 @@ def plan(model: torch.nn.Module, example_input: torch.Tensor | None = None, *,
     >>> torch.testing.assert_close(gm(x), model(x))
     """
     x = example_input if example_input is not None else reference_input(model)
-    gm = _prepare(model, x)
-    grid = None if tiles is None else _as_grid(tiles, x.dim() - 2)
-    return planner.plan(gm, x, memory_budget=memory_budget, max_overhead=max_overhead, tiles=grid)
+    return _choose(_prepare(model, x), x, None, tiles, memory_budget, max_overhead)
 
 
 def _regions(plan: Any) -> list[tuple[Any, Any]]:
@@ -152,15 +148,8 @@ def _choose(gm, x, merge, tiles, memory_budget, max_overhead):
         if tiles is None:
             tiles = _default_grid(gm, merge, x)
         return [(merge, tiles)]
-    grid = None if tiles is None else _as_grid(tiles, x.dim() - 2)
+    grid = None if tiles is None else tile_grid(tiles, x.dim() - 2)
     return planner.plan(gm, x, memory_budget=memory_budget, max_overhead=max_overhead, tiles=grid)
-
-
-def _as_grid(tiles: Any, nsp: int) -> tuple[int, ...]:
-    grid = (tiles,) * nsp if isinstance(tiles, int) else tuple(tiles)
-    if len(grid) != nsp or any(not isinstance(t, int) or isinstance(t, bool) or t < 1 for t in grid):
-        raise TilingError(f"tiles={tiles!r}: give a positive int or one per spatial axis ({nsp})")
-    return grid
 
 
 def _default_grid(gm: GraphModule, merge: Any, x: torch.Tensor) -> tuple[int, ...]:

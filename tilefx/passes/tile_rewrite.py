@@ -9,6 +9,8 @@ region's body graph computes one tile, with an explicit halo-crop node for every
 
 from __future__ import annotations
 
+import numbers
+
 import operator
 from typing import Any, Iterable
 
@@ -294,9 +296,7 @@ def tile_rewrite(gm: GraphModule, merge: Any, tiles: int | Iterable[int], halo: 
     if not region:
         raise TilingError(f"nothing to tile before merge node {merge_nodes[0].format_node()}")
     nsp = len(facts(region[0]).sizes)
-    grid = (tiles,) * nsp if isinstance(tiles, int) else tuple(tiles)
-    if len(grid) != nsp or any(int(t) < 1 for t in grid):
-        raise TilingError(f"tiles={tiles!r}: give one positive count or one per spatial axis ({nsp})")
+    grid = tile_grid(tiles, nsp)
     in_region = set(region)
     # Region inputs: tensors computed outside the region (graph inputs, earlier regions'
     # outputs). Parameters are read in the body through get_attr, sharing the model's weights.
@@ -371,6 +371,18 @@ def tile_rewrite(gm: GraphModule, merge: Any, tiles: int | Iterable[int], halo: 
     out.graph.lint()
     out.recompile()
     return out
+
+
+def tile_grid(tiles: Any, nsp: int) -> tuple[int, ...]:
+    """``tiles`` (one count, or one per spatial axis) as a grid of ``nsp`` positive ints."""
+    grid = (tiles,) * nsp if isinstance(tiles, int) else tuple(tiles)
+
+    def count(t: Any) -> bool:
+        return not isinstance(t, bool) and isinstance(t, numbers.Integral) and t >= 1
+
+    if len(grid) != nsp or not all(count(t) for t in grid):
+        raise TilingError(f"tiles={tiles!r}: give one positive count or one per spatial axis ({nsp})")
+    return tuple(int(t) for t in grid)
 
 
 def _check_grid(spec: RegionSpec, outputs: list[Node], inputs: list[Node]) -> None:
