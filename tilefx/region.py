@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import TilingError
+from .spatial import window_fn
 from .tiling import RegionSpec, Schedule, TileWindows, extents, min_input_extent, schedule
 
 __all__ = ["TiledRegion", "halo_crop", "write_tile", "window_interpolate", "window_avg_pool",
@@ -129,9 +130,6 @@ def window_interpolate(x: torch.Tensor, tile: TileWindows, name: str) -> torch.T
     return x
 
 
-_AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
-
-
 _NEAREST_CACHE: dict[tuple, tuple[int, ...]] = {}
 
 
@@ -174,7 +172,7 @@ def window_avg_pool(x: torch.Tensor, tile: TileWindows, name: str, kernel_size: 
     """Average pooling of a zero-padded window, with PyTorch's divisor at the map's edges."""
     # The pooling function is looked up here, not passed in: fx cannot print a builtin
     # (F.avg_pool2d) as a node argument, so a body graph holding one would not compile.
-    fn = _AVG_POOL[len(kernel_size)]
+    fn = window_fn("avgpool", len(kernel_size))
     mask = tile.extra.get(name)
     y = fn(x, kernel_size, stride, 0)
     if divisor_override:
