@@ -25,7 +25,7 @@ import functools
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -120,30 +120,15 @@ def _pixels(value: Any, nsp: int) -> int:
     return 0
 
 
-def _fixed(n: Node, gm: GraphModule, cal: Calibration) -> float:
+def _fixed(n: Node, cal: Calibration, weight_bytes: Mapping[str, int]) -> float:
     """The per-call part of a node: dispatch, plus a convolution's weight reorder."""
     rule = facts(n).rule if "tilefx" in n.meta else None
     lowering = getattr(rule, "lowering", None)
     if lowering == "conv":
-        w = _weight(n, gm)
-        reorder = w.numel() * w.element_size() * cal.reorder_s_per_byte if w is not None else 0.0
-        return cal.call_s + reorder
+        return cal.call_s + weight_bytes.get(n.name, 0) * cal.reorder_s_per_byte
     if lowering in ("maxpool", "avgpool"):
         return cal.call_s
     return cal.pointwise_call_s
-
-
-def _weight(n: Node, gm: GraphModule) -> torch.Tensor | None:
-    if n.op == "call_module":
-        w = getattr(gm.get_submodule(n.target), "weight", None)
-        return w if isinstance(w, torch.Tensor) else None
-    for a in n.args[1:2]:
-        if isinstance(a, Node) and a.op == "get_attr":
-            obj: Any = gm
-            for part in a.target.split("."):
-                obj = getattr(obj, part)
-            return obj if isinstance(obj, torch.Tensor) else None
-    return None
 
 
 class _Timer(torch.fx.Interpreter):
@@ -192,7 +177,8 @@ def _time_nodes(gm: GraphModule, x: torch.Tensor, repeats: int) -> _Timer:
 
 
 def measure_node_costs(gm: GraphModule, example_input: torch.Tensor, cal: Calibration, *,
-                       max_pixels: int = MEASURE_MAX_PIXELS, repeats: int = 3) -> dict[str, NodeCost]:
+                       weight_bytes: Mapping[str, int] = {}, max_pixels: int = MEASURE_MAX_PIXELS,
+                       repeats: int = 3) -> dict[str, NodeCost]:
     """Time each node of ``gm`` on this machine and split it into fixed and per-pixel parts.
 
     ``gm`` must carry receptive-field facts (``annotate``). Every node is timed at two shapes,
@@ -201,6 +187,8 @@ def measure_node_costs(gm: GraphModule, example_input: torch.Tensor, cal: Calibr
     fixed part then also holds what small windows lose in kernel efficiency, which a tile
     grid pays per tile. Where the model cannot run at the half shape (a size fixed in the
     graph), one shape is timed and the fixed part is the call's dispatch and weight reorder.
+    ``weight_bytes`` maps convolution nodes to their weights' bytes (``passes.memory.record``'s
+    ``w_bytes``), which oneDNN reorders on every call.
     """
     small = _reduced(example_input, max_pixels)
     try:
@@ -224,7 +212,7 @@ def measure_node_costs(gm: GraphModule, example_input: torch.Tensor, cal: Calibr
         if not spatial:
             costs[n.name] = NodeCost(t1, 0.0)
             continue
-        floor = min(_fixed(n, gm, cal), t1)
+        floor = min(_fixed(n, cal, weight_bytes), t1)
         fixed, per_pixel = floor, (t1 - floor) / p1
         if half is not None and n.name in half.seconds and 0 < half.pixels[n.name] < p1:
             t2, p2 = half.seconds[n.name], half.pixels[n.name]
@@ -238,16 +226,18 @@ def measure_node_costs(gm: GraphModule, example_input: torch.Tensor, cal: Calibr
     return costs
 
 
-def mac_node_costs(gm: GraphModule, macs: dict[str, int], cal: Calibration) -> dict[str, NodeCost]:
+def mac_node_costs(gm: GraphModule, macs: Mapping[str, int], cal: Calibration, *,
+                   weight_bytes: Mapping[str, int] = {}) -> dict[str, NodeCost]:
     """Per-node costs from MACs alone (no kernel runs): ``macs / mac_rate`` spread per pixel.
 
-    ``macs`` maps node names to their MACs at the traced shape (``passes.memory.record``).
+    ``macs`` maps node names to their MACs at the traced shape, ``weight_bytes`` convolutions
+    to their weights' bytes (both from ``passes.memory.record``).
     """
     costs = {}
     for n in gm.graph.nodes:
         if n.op in ("placeholder", "get_attr", "output"):
             continue
-        fixed = _fixed(n, gm, cal)
+        fixed = _fixed(n, cal, weight_bytes)
         t = macs.get(n.name, 0) / cal.mac_rate
         sizes = facts(n).sizes if "tilefx" in n.meta and facts(n).spatial else None
         if sizes:

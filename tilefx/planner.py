@@ -152,10 +152,12 @@ class _Model:
         self.baseline_peak = peak
         self.total_macs = sum(i["macs"] for i in self.info.values())
         self.cal = cal
+        weight_bytes = {k: v["w_bytes"] for k, v in self.info.items() if "w_bytes" in v}
         if timing == "measured":
-            self.costs = measure_node_costs(gm, x, cal)
+            self.costs = measure_node_costs(gm, x, cal, weight_bytes=weight_bytes)
         elif timing == "macs":
-            self.costs = mac_node_costs(gm, {k: v["macs"] for k, v in self.info.items()}, cal)
+            self.costs = mac_node_costs(gm, {k: v["macs"] for k, v in self.info.items()}, cal,
+                                        weight_bytes=weight_bytes)
         else:
             raise TilingError(f"timing={timing!r}: use 'measured' (default) or 'macs'")
         self.base_time = sum(self.cost(n).time(self.positions(n)) for n in self.nodes)
