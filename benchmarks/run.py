@@ -4,7 +4,7 @@
     python benchmarks/run.py --sizes 224 1024 2048 --models resnet50 --out BENCHMARKS.md
 
 For every model and input size: the planner's default (knee) plan and its lowest-peak plan are
-applied with tilefx's passes; each is measured against the untiled traced model in the same
+applied with tilefx's passes; each is measured against the untiled captured model in the same
 process: peak memory with ``tilefx.measure.peak_memory`` (allocator events), latency with
 ``tilefx.measure.latency`` (alternating runs), max abs error against eager. Numbers are never
 edited by hand: rerun the command.
@@ -25,11 +25,8 @@ import torchvision
 import tilefx
 from tilefx import planner
 from tilefx.measure import latency, peak_memory
-from tilefx.passes.channels_last import fold_channels_last
 from tilefx.passes.memory import simulate
-from tilefx.passes.receptive_field import annotate
 from tilefx.passes.tile_rewrite import tile_rewrite
-from tilefx.trace import trace
 
 MODELS = {
     "mobilenet_v2": lambda: torchvision.models.mobilenet_v2(),
@@ -76,7 +73,7 @@ def bench(name: str, size: int, repeats: int, budget: int | None) -> list[dict]:
     torch.manual_seed(0)
     model = MODELS[name]().eval()
     x = torch.randn(1, 3, size, size)
-    gm = annotate(fold_channels_last(trace(model)), x)  # as tilefx.transform prepares it
+    gm = tilefx.prepare(model, x)
     with torch.no_grad():
         want = model(x)
     want = want["out"] if isinstance(want, dict) else want
@@ -151,7 +148,7 @@ def render(rows: list[dict], args, wall: float) -> str:
         "",
         "Peak = highest total of tensor bytes allocated during the call and alive at once "
         "(torch.profiler allocator events; the caller's input and the weights are not counted, "
-        "oneDNN's scratch buffers are). *base* is the untiled traced model; *predicted* is the "
+        "oneDNN's scratch buffers are). *base* is the untiled captured model; *predicted* is the "
         "planner's static prediction (`tilefx.passes.memory`), *sim* the simulator run on the "
         "rewritten module. Latency ratio: medians of alternating runs in one process.",
         "",

@@ -4,7 +4,7 @@
     python benchmarks/zoo.py --size 384 --models resnet18 vgg11
 
 For each model: ``tilefx.transform(model, x)`` with no options (the planner's default), the
-measured peak of the untiled traced model and of the result (``tilefx.measure.peak_memory``),
+measured peak of the untiled captured model and of the result (``tilefx.measure.peak_memory``),
 and the largest output difference relative to the output's scale. Models whose own code fixes
 the input size (ViT, MaxViT) run at that size. Numbers are never edited by hand: rerun.
 """
@@ -24,7 +24,6 @@ from torchvision import models
 
 import tilefx
 from tilefx.measure import peak_memory
-from tilefx.trace import trace
 
 #: Models whose code fixes the input size.
 FIXED_SIZE = {**{n: 224 for n in models.list_models(module=models) if n.startswith("vit_")},
@@ -50,7 +49,7 @@ def run(name: str, size: int) -> dict:
     with torch.no_grad():
         want, got = model(x), gm(x)
     err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
-    base, tiled = peak_memory(trace(model), x), peak_memory(gm, x)
+    base, tiled = peak_memory(tilefx.prepare(model, x), x), peak_memory(gm, x)
     plan = " then ".join(map(str, p.regions)) if getattr(p, "regions", ()) else "untiled"
     return dict(name=name, size=s, plan=plan, base=base, tiled=tiled, err=err, plan_s=plan_s)
 

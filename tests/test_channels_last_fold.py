@@ -13,7 +13,7 @@ from tilefx.passes.memory import simulate
 from tilefx.passes.receptive_field import annotate, facts
 from tilefx.measure import peak_memory
 from tilefx.region import TiledRegion
-from tilefx.trace import trace
+from tilefx.capture import capture
 
 
 class Block(nn.Module):
@@ -46,7 +46,7 @@ class Net(nn.Module):
 
 def test_fold_keeps_outputs_and_makes_blocks_pointwise():
     m, x = Net().eval(), torch.randn(2, 3, 64, 48)
-    gm = trace(m)
+    gm = capture(m, x)
     folded = fold_channels_last(gm)
     assert sum(isinstance(k, ChannelsLastBlock) for k in folded.modules()) == 2
     assert sum(isinstance(k, ChannelsLastBlock) for k in gm.modules()) == 0  # input untouched
@@ -54,7 +54,7 @@ def test_fold_keeps_outputs_and_makes_blocks_pointwise():
         torch.testing.assert_close(folded(x), m(x), rtol=0, atol=0)  # same ops, same order
     annotate(folded, x)
     blocks = [n for n in folded.graph.nodes if n.op == "call_module" and "channels_last" in n.target]
-    assert all(facts(n).rule.lowering == "pointwise" for n in blocks)
+    assert blocks and all(facts(n).rule.kind == "pointwise" for n in blocks)
 
 
 def test_chain_with_a_spatial_op_is_not_folded():
@@ -62,7 +62,7 @@ def test_chain_with_a_spatial_op_is_not_folded():
         def forward(self, x):  # a softmax over W inside the NHWC chain is not per-position
             return F.softmax(x.permute(0, 2, 3, 1), dim=2).permute(0, 3, 1, 2)
 
-    folded = fold_channels_last(trace(Mixed()))
+    folded = fold_channels_last(capture(Mixed(), torch.randn(1, 3, 8, 8)))
     assert not any(isinstance(k, ChannelsLastBlock) for k in folded.modules())
 
 
@@ -75,7 +75,7 @@ def test_layernorm_over_space_is_not_folded():
         def forward(self, x):
             return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
-    folded = fold_channels_last(trace(NormHW()))
+    folded = fold_channels_last(capture(NormHW().eval(), torch.randn(1, 8, 8, 8)))
     assert not any(isinstance(k, ChannelsLastBlock) for k in folded.modules())
 
 
@@ -91,7 +91,7 @@ def test_transform_tiles_through_folded_blocks():
 
 def test_memory_model_counts_the_hidden_mlp():
     m, x = Net().eval(), torch.randn(1, 3, 128, 128)
-    gm = annotate(fold_channels_last(trace(m)), x)
+    gm = tilefx.prepare(m, x)
     predicted, measured = simulate(gm, x).peak_bytes, peak_memory(gm, x)
     # the 4C hidden activation dominates; without it the prediction would be ~4x low
     assert predicted == pytest.approx(measured, rel=0.25)
@@ -107,7 +107,7 @@ def test_fold_keeps_in_place_ops_whose_results_are_unused():
             y.add_(1)  # result unused: the effect is the write into y
             return y
 
-    gm = trace(InPlace())
-    folded = fold_channels_last(gm)
     x = torch.randn(1, 3, 4, 4)
+    gm = capture(InPlace(), x)
+    folded = fold_channels_last(gm)
     torch.testing.assert_close(folded(x), x * 2 + 1, rtol=0, atol=0)

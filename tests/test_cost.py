@@ -15,9 +15,7 @@ import tilefx
 from tilefx import planner
 from tilefx.cost import Calibration, NodeCost, mac_node_costs, measure_node_costs
 from tilefx.passes.memory import record
-from tilefx.passes.receptive_field import annotate
 from tilefx.region import TiledRegion
-from tilefx.trace import trace
 
 CAL = Calibration(mac_rate=50e9, call_s=30e-6, pointwise_call_s=5e-6, reorder_s_per_byte=1e-10)
 
@@ -36,33 +34,33 @@ def _computed(gm):
 
 def test_measured_costs_cover_every_node_and_are_non_negative():
     x = torch.randn(1, 3, 96, 64)
-    gm = annotate(trace(net()), x)
+    gm = tilefx.prepare(net(), x)
     costs = measure_node_costs(gm, x, CAL)
     assert {n.name for n in _computed(gm)} <= set(costs)
     for name, c in costs.items():
         assert c.fixed_s >= 0 and c.per_pixel_s >= 0, (name, c)
-    conv = costs["_0"]
+    conv = costs["conv2d"]
     # A convolution's fixed part is at least its dispatch (plus its weight reorder).
     assert conv.fixed_s >= min(CAL.call_s, conv.time(96 * 64)) - 1e-12
 
 
 def test_measured_costs_at_reduced_shape_for_large_inputs():
     x = torch.randn(1, 3, 160, 160)
-    gm = annotate(trace(net()), x)
+    gm = tilefx.prepare(net(), x)
     costs = measure_node_costs(gm, x, CAL, max_pixels=40 * 40)
     assert {n.name for n in _computed(gm)} <= set(costs)
-    assert costs["_0"].per_pixel_s >= 0
+    assert costs["conv2d"].per_pixel_s >= 0
 
 
 def test_mac_costs_are_deterministic_and_scale_with_macs():
     x = torch.randn(1, 3, 64, 64)
-    gm = annotate(trace(net()), x)
+    gm = tilefx.prepare(net(), x)
     macs = {k: v["macs"] for k, v in record(gm, x).info.items()}
     a, b = mac_node_costs(gm, macs, CAL), mac_node_costs(gm, macs, CAL)
     assert a == b
-    # conv _4 (16->32 at 64x64) has twice the MACs per position of conv _2 (16->16 at 32x32).
-    assert a["_4"].per_pixel_s == pytest.approx(2 * a["_2"].per_pixel_s)
-    assert a["_1"].per_pixel_s == 0.0  # relu: no MACs, only its call
+    # conv2d_2 (16->32 at 32x32) has twice the MACs per position of conv2d_1 (16->16 at 32x32).
+    assert a["conv2d_2"].per_pixel_s == pytest.approx(2 * a["conv2d_1"].per_pixel_s)
+    assert a["relu"].per_pixel_s == 0.0  # relu: no MACs, only its call
 
 
 def test_node_cost_time():
@@ -71,7 +69,7 @@ def test_node_cost_time():
 
 def test_unknown_timing_is_a_tiling_error():
     x = torch.randn(1, 3, 64, 64)
-    gm = annotate(trace(net()), x)
+    gm = tilefx.prepare(net(), x)
     with pytest.raises(tilefx.TilingError, match="timing="):
         planner.plan(gm, x, calibration=CAL, timing="guess")
 

@@ -18,7 +18,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from torch.fx.passes.infra.pass_manager import PassManager
 
 import tilefx
-from tilefx.passes.tile_pass import TilePass
+from tilefx.passes import TilePass
 from tilefx.region import TiledRegion
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -75,7 +75,7 @@ def test_tile_pass_alone_returns_pass_result():
     result.graph_module.graph.lint()
     assert len(regions(result.graph_module)) == 1
     torch.testing.assert_close(result.graph_module(x), m(x))
-    assert "TilePass(example_input=(1, 3, 64, 64)" in repr(TilePass(x, merge="pool"))
+    assert "TilePass(example_inputs=((1, 3, 64, 64))" in repr(TilePass(x, merge="pool"))
 
 
 def test_tile_pass_in_pass_manager_after_fusion():

@@ -7,13 +7,13 @@ import torchvision
 
 from tilefx.measure import peak_memory
 from tilefx.passes.memory import Step, liveness, simulate
-from tilefx.passes.receptive_field import annotate
 from tilefx.passes.tile_rewrite import tile_rewrite
-from tilefx.trace import trace
+import tilefx
+from tilefx.capture import capture
 
 
 def _annotated(model, x):
-    return annotate(trace(model.eval()), x)
+    return tilefx.prepare(model.eval(), x)
 
 
 def _close(pred, meas, tol=0.10):
@@ -35,7 +35,7 @@ def test_inplace_and_views_share_storage():
             z = y.view(y.shape[0], -1)    # view: no new buffer
             return z + 1                  # 1 buffer
     x = torch.randn(1, 4, 16, 16)
-    gm = trace(Net())
+    gm = capture(Net(), x)
     p = simulate(gm, x, workspace=None)
     assert p.peak_bytes == 2 * x.numel() * 4
     _close(p.peak_bytes, peak_memory(gm, x), tol=0.01)  # scalar operands add a few bytes

@@ -10,10 +10,8 @@ import tilefx
 from tilefx import TilingError, planner
 from tilefx.measure import peak_memory
 from tilefx.passes.memory import simulate
-from tilefx.passes.receptive_field import annotate
 from tilefx.passes.tile_rewrite import tile_rewrite
 from tilefx.region import TiledRegion
-from tilefx.trace import trace
 
 # A fixed calibration and MAC-based times keep the tests independent of the machine's load.
 CAL = planner.Calibration(mac_rate=50e9, call_s=30e-6, pointwise_call_s=5e-6, reorder_s_per_byte=1e-10)
@@ -25,7 +23,7 @@ def _setup(name, size):
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)().eval()
     x = torch.randn(1, 3, size, size)
-    return model, x, annotate(trace(model), x)
+    return model, x, tilefx.prepare(model, x)
 
 
 def _apply(gm, p):
@@ -140,7 +138,7 @@ def test_network_spatial_to_its_end_is_tiled_whole():
         torch.nn.Conv2d(32, 4, 1), torch.nn.Upsample(scale_factor=2, mode="nearest"),
     ).eval()
     x = torch.randn(1, 3, 128, 128)
-    gm = annotate(trace(m), x)
+    gm = tilefx.prepare(m, x)
     whole = [p for p in planner.plan(gm, x, **TIMING).pareto()
              if p.regions and p.regions[-1].merge == ("output",)]
     assert whole, "no plan merges at the output"

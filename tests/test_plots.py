@@ -42,7 +42,6 @@ def png(fig) -> bytes:
 
 def test_plot_memory_before_and_after():
     from tilefx.passes.memory import simulate
-    from tilefx.trace import trace
 
     m, x = net(), torch.randn(1, 3, 64, 64)
     gm = tilefx.transform(m, x, merge="6", tiles=(2, 2))
@@ -50,7 +49,7 @@ def test_plot_memory_before_and_after():
     ax = fig.axes[0]
     untiled, tiled = ax.get_lines()[:2]
     assert untiled.get_label().startswith("untiled") and tiled.get_label().startswith("tiled")
-    want_before = simulate(trace(m), x).peak_bytes / 2**20
+    want_before = simulate(tilefx.prepare(m, x), x).peak_bytes / 2**20
     want_after = simulate(gm, x).peak_bytes / 2**20
     assert max(untiled.get_ydata()) == pytest.approx(want_before)
     assert max(tiled.get_ydata()) == pytest.approx(want_after)
@@ -107,12 +106,10 @@ def test_plot_tiles_with_image_and_errors():
 
 
 def test_plot_pareto_marks_the_chosen_plan():
-    from tilefx.passes.receptive_field import annotate
     from tilefx.planner import plan
-    from tilefx.trace import trace
 
     m, x = net(), torch.randn(1, 3, 96, 96)
-    p = plan(annotate(trace(m), x), x)
+    p = plan(tilefx.prepare(m, x), x)
     fig = plot_pareto(p, budget=p.baseline_peak_bytes // 2)
     ax = fig.axes[0]
     labels = [t.get_text() for t in ax.get_legend().get_texts()]

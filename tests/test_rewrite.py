@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch.fx import GraphModule
 
 import tilefx
-from tilefx.region import TiledRegion, halo_crop
+from tilefx.kernels import halo_crop
+from tilefx.region import TiledRegion
 from conftest import FLOAT32, TIGHT, run_both
 
 
@@ -43,12 +44,11 @@ class Fn(nn.Module):
         return self.fn(x, **self.kw)
 
 
-def assert_whole_body_tiled(gm, model):
-    """Every op before the merge is in the tiled region (no op fell back to a barrier)."""
+def assert_whole_body_tiled(gm, model, x):
+    """Every op of the captured graph is in the tiled region (no op fell back to a barrier)."""
     region = next(m for m in gm.modules() if isinstance(m, TiledRegion))
-    traced = torch.fx.symbolic_trace(model)
-    ops = {n.name for n in traced.graph.nodes
-           if n.op not in ("placeholder", "output", "get_attr") and n.name != "head"}
+    captured = tilefx.prepare(model, x)
+    ops = {n.name for n in captured.graph.nodes if n.op == "call_function"}
     assert {rn.name for rn in region.spec.nodes} == ops
 
 
@@ -236,8 +236,8 @@ def test_case_matches_eager(case, dtype):
     factory, shape, tiles = CASES[case]
     model = factory().eval().to(dtype)
     x = torch.randn(shape, dtype=dtype)
-    got, want, gm = run_both(model, x, "head", tiles)
-    assert_whole_body_tiled(gm, model)
+    got, want, gm = run_both(model, x, "output", tiles)
+    assert_whole_body_tiled(gm, model, x)
     torch.testing.assert_close(got, want, **(TIGHT if dtype == torch.float64 else FLOAT32))
 
 
@@ -259,8 +259,8 @@ def test_avgpool_modes(ceil_mode, count_include_pad, divisor_override, nsp):
     model = Head(conv(2, 3, 3, padding=1), pool(3, 2, 1, **kw), pool(2, **kw)).eval().double()
     shape = {1: (2, 2, 27), 2: (2, 2, 19, 22), 3: (1, 2, 11, 9, 10)}[nsp]
     x = torch.randn(shape, dtype=torch.float64)
-    got, want, gm = run_both(model, x, "head", (3,) * nsp if nsp < 3 else (2, 2, 2))
-    assert_whole_body_tiled(gm, model)
+    got, want, gm = run_both(model, x, "output", (3,) * nsp if nsp < 3 else (2, 2, 2))
+    assert_whole_body_tiled(gm, model, x)
     torch.testing.assert_close(got, want, **TIGHT)
 
 
@@ -322,10 +322,10 @@ class UNet(nn.Module):
 def test_channel_ops(dtype, tiles):
     model = ChannelOps().eval().to(dtype)
     x = torch.randn(2, 3, 21, 17, dtype=dtype)
-    got, want, gm = run_both(model, x, "head", tiles)
+    got, want, gm = run_both(model, x, "output", tiles)
     torch.testing.assert_close(got, want, **(TIGHT if dtype == torch.float64 else FLOAT32))
     region = next(m for m in gm.modules() if isinstance(m, TiledRegion))
-    ops = {rn.rule.op for rn in region.spec.nodes}
+    ops = {rn.rule.op.removeprefix("aten.").split(".")[0] for rn in region.spec.nodes}
     assert {"chunk", "cat", "view", "transpose"} <= ops  # the whole body was tiled
 
 
@@ -339,7 +339,7 @@ def test_unet_skips_cross_merge(dtype, shape, tiles):
     # region outputs, at three scales.
     got, want, gm = run_both(model, x, "u2", tiles)
     region = next(m for m in gm.modules() if isinstance(m, TiledRegion))
-    assert set(region.spec.outputs) == {"relu", "relu_1", "bottleneck"}
+    assert set(region.spec.outputs) == {"relu", "relu_1", "conv2d_3"}  # conv2d_3: bottleneck
     torch.testing.assert_close(got, want, **(TIGHT if dtype == torch.float64 else FLOAT32))
 
 
@@ -362,13 +362,13 @@ def _net():
 def test_rewritten_graph_lints_and_input_not_mutated():
     from tilefx.passes.receptive_field import annotate
     from tilefx.passes.tile_rewrite import tile_rewrite
-    from tilefx.trace import trace
+    from tilefx.capture import capture
 
     model = _net()
     x = torch.randn(1, 3, 32, 32)
-    gm = annotate(trace(model, x), x)
+    gm = annotate(capture(model, x), x)
     code, nodes = gm.code, [n.format_node() for n in gm.graph.nodes]
-    out = tile_rewrite(gm, "head", (2, 2))
+    out = tile_rewrite(gm, "output", (2, 2))
     assert gm.code == code and [n.format_node() for n in gm.graph.nodes] == nodes
     out.graph.lint()
     region = next(m for m in out.modules() if isinstance(m, TiledRegion))
@@ -379,7 +379,7 @@ def test_rewritten_graph_lints_and_input_not_mutated():
 def test_weights_shared_not_copied():
     model = _net()
     x = torch.randn(1, 3, 32, 32)
-    gm = tilefx.transform(model, x, merge="head", tiles=(2, 2))
+    gm = tilefx.transform(model, x, merge="output", tiles=(2, 2))
     params = {p.data_ptr() for p in model.parameters()}
     assert {p.data_ptr() for p in gm.parameters()} <= params
     region = next(m for m in gm.modules() if isinstance(m, TiledRegion))
@@ -390,19 +390,20 @@ def test_weights_shared_not_copied():
 
 
 def test_body_has_explicit_halo_crops():
-    gm = tilefx.transform(_net(), torch.randn(1, 3, 32, 32), merge="head", tiles=(2, 2))
+    gm = tilefx.transform(_net(), torch.randn(1, 3, 32, 32), merge="output", tiles=(2, 2))
     region = next(m for m in gm.modules() if isinstance(m, TiledRegion))
     crops = [n for n in region.body.graph.nodes if n.target is halo_crop]
-    convs = [n for n in region.body.graph.nodes if n.target is torch.conv2d]
+    convs = [n for n in region.body.graph.nodes
+             if n.target is torch.ops.aten.convolution.default]
     assert len(crops) >= len(convs) == 3
-    assert all(n.kwargs.get("padding") == 0 for n in convs)  # padding is done by the crops
+    assert all(n.args[4] == [0, 0] for n in convs)  # padding is done by the crops
     assert "tiled_region_0" in gm.code
 
 
 @pytest.mark.parametrize("shape", [(1, 3, 57, 43), (2, 3, 64, 96), (1, 3, 16, 16)])
 def test_runs_at_other_shapes(shape):
     model = _net().double()
-    gm = tilefx.transform(model, torch.randn(1, 3, 32, 32, dtype=torch.float64), merge="head",
+    gm = tilefx.transform(model, torch.randn(1, 3, 32, 32, dtype=torch.float64), merge="output",
                           tiles=(2, 2))
     x = torch.randn(shape, dtype=torch.float64)
     torch.testing.assert_close(gm(x), model(x), **TIGHT)
@@ -420,7 +421,7 @@ def test_no_halo_runs_and_deviates(capsys):
     """halo=False is approximate by design: report how far it moves, assert only that it runs."""
     model = _net().double()
     x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
-    got, want, gm = run_both(model, x, "head", (2, 2), halo=False)
+    got, want, gm = run_both(model, x, "output", (2, 2), halo=False)
     assert got.shape == want.shape
     c = tilefx.compare(model, gm, x)
     with capsys.disabled():
@@ -433,7 +434,7 @@ def test_graphmodule_input_is_accepted_and_untouched():
     x = torch.randn(1, 3, 24, 24)
     traced = torch.fx.symbolic_trace(model)
     before = traced.code
-    gm = tilefx.transform(traced, x, merge="head", tiles=(2, 2))
+    gm = tilefx.transform(traced, x, merge="output", tiles=(2, 2))
     assert isinstance(gm, GraphModule) and traced.code == before
     torch.testing.assert_close(gm(x), model(x), **FLOAT32)
 
@@ -441,7 +442,7 @@ def test_graphmodule_input_is_accepted_and_untouched():
 def test_transform_twice_from_same_model_is_independent():
     model = _net()
     x = torch.randn(1, 3, 24, 24)
-    a = tilefx.transform(model, x, merge="head", tiles=(2, 2))
-    b = tilefx.transform(model, x, merge="head", tiles=(3, 1))
+    a = tilefx.transform(model, x, merge="output", tiles=(2, 2))
+    b = tilefx.transform(model, x, merge="output", tiles=(3, 1))
     torch.testing.assert_close(a(x), b(x), **FLOAT32)
     copy.deepcopy(a)(x)  # a transformed module survives a deepcopy

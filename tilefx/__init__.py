@@ -2,7 +2,8 @@
 
 from .errors import TilingError
 from .region import TiledRegion
-from .api import compare, explain, plan, transform
+from .api import TilePass, compare, explain, plan, prepare, transform
 
-__all__ = ["TilingError", "TiledRegion", "transform", "plan", "explain", "compare"]
+__all__ = ["TilingError", "TiledRegion", "TilePass", "transform", "prepare", "plan", "explain",
+           "compare"]
 __version__ = "0.1.0"

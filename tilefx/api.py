@@ -11,15 +11,20 @@ import torch
 from torch.fx import GraphModule
 from torch.utils._pytree import tree_flatten
 
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
 from . import planner
+from .capture import Inputs, as_inputs, capture, keep_calling_convention, module_path
 from .errors import TilingError
 from .passes.channels_last import fold_channels_last
 from .passes.receptive_field import annotate, facts
-from .passes.tile_rewrite import tile_grid, tile_rewrite
+from .passes.regions import find_region, resolve_merge
+from .passes.tile_rewrite import tile_rewrite
 from .region import TiledRegion
-from .trace import trace
+from .tiling import read_window, tile_grid
 
-__all__ = ["transform", "explain", "compare", "Comparison", "reference_input"]
+__all__ = ["transform", "prepare", "plan", "explain", "compare", "Comparison", "reference_input",
+           "TilePass"]
 
 #: Spatial extent of the reference input used when transform() is given no example.
 REFERENCE_EXTENT = {1: 4096, 2: 512, 3: 64}
@@ -43,43 +48,61 @@ def reference_input(model: torch.nn.Module) -> torch.Tensor:
     )
 
 
-def _check_rank(model: torch.nn.Module, x: Any) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TilingError(f"example_input must be a tensor, got {type(x).__name__}")
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.conv._ConvNd):
-            want = len(m.kernel_size) + 2
-            if x.dim() != want:
-                raise TilingError(
-                    f"example input has shape {tuple(x.shape)} but {type(model).__name__}'s first "
-                    f"convolution expects {want}-d input (N, C, *spatial); add the batch axis "
-                    "or pass the right example"
-                )
-            return
+def _inputs(model: torch.nn.Module, example_inputs: Any, example_kwargs: dict | None) -> Inputs:
+    if example_inputs is None and not example_kwargs:
+        return as_inputs(reference_input(model))
+    return as_inputs(example_inputs, example_kwargs)
 
 
-def transform(model: torch.nn.Module, example_input: torch.Tensor | None = None, *,
-              merge: Any = None, tiles: int | tuple[int, ...] | None = None, halo: bool = True,
-              plan: Any = None, memory_budget: int | None = None,
+def prepare(model: torch.nn.Module, example_inputs: Any = None,
+            example_kwargs: dict | None = None) -> GraphModule:
+    """The analysed graph every other step starts from: capture, fold, annotate.
+
+    Captures ``model`` with ``torch.export`` (``tilefx.capture.capture``: dynamic spatial dims
+    where the model allows, checked against eager on the example), folds channels-last
+    per-position blocks into pointwise calls (``passes.channels_last``), and annotates every
+    node with its receptive-field rule or barrier (``passes.receptive_field``). Inputs as for
+    :func:`transform`.
+
+    >>> import torch, torchvision, tilefx
+    >>> gm = tilefx.prepare(torchvision.models.resnet18().eval(), torch.randn(1, 3, 64, 64))
+    >>> from tilefx.passes.receptive_field import facts
+    >>> sum(facts(n).spatial for n in gm.graph.nodes) > 40
+    True
+    """
+    inputs = _inputs(model, example_inputs, example_kwargs)
+    gm = capture(model, inputs)
+    # ConvNeXt-style NHWC blocks become one pointwise call each, so they can join a region.
+    return annotate(fold_channels_last(gm), inputs)
+
+
+def transform(model: torch.nn.Module, example_inputs: Any = None,
+              example_kwargs: dict | None = None, *, merge: Any = None,
+              tiles: int | tuple[int, ...] | None = None, halo: bool = True,
+              plan: "planner.Plan | None" = None, memory_budget: int | None = None,
               max_overhead: float | None = None) -> GraphModule:
     """Return a GraphModule computing ``model``'s outputs with lower peak activation memory.
 
-    The early part of the network (the region before the merge node) runs tile by tile, each
-    tile with the halo its receptive field needs; outputs equal the model's to rounding.
+    The memory-heavy part of the network (the region before the merge node) runs tile by
+    tile, each tile with the halo its receptive field needs; outputs equal the model's to
+    rounding. The model is captured with ``torch.export`` (non-strict); the result is called
+    like the model.
 
     Args:
         model: an ``nn.Module`` in eval mode (or a ``torch.fx.GraphModule``).
-        example_input: the input to plan for; without it, a random input at a reference extent
-            (512x512 for 2-d nets) is used, and the result runs on any input that is at least
-            as large as the plan's minimum.
+        example_inputs: the input to plan for: one tensor, or a tuple of positional inputs
+            (as ``torch.export`` takes them). Image-like inputs of the same extent are tiled
+            together; other inputs (a timestep, a conditioning vector) pass through. Without
+            it, a random input at a reference extent (512x512 for 2-d nets) is used.
+        example_kwargs: keyword inputs.
         merge: a node name or a module's qualified name (``"layer2"``) before which the region
             ends, or a list of them; default: chosen by the planner.
         tiles: the tile grid, one count or one per spatial axis; default: chosen by the planner.
         halo: ``False`` selects the approximate "splitting image" mode (no halos; see
             :func:`compare` for its error). Never used unless asked.
-        plan: a :class:`tilefx.planner.Plan` from ``tilefx.planner.plan``.
+        plan: a :class:`tilefx.planner.Plan` from :func:`tilefx.plan`.
         memory_budget: bytes; the fastest plan whose predicted peak fits.
-        max_overhead: fraction of extra compute allowed; the lowest peak within it.
+        max_overhead: fraction of extra predicted time allowed; the lowest peak within it.
 
     >>> import torch, torchvision, tilefx
     >>> model = torchvision.models.resnet18().eval()
@@ -89,33 +112,32 @@ def transform(model: torch.nn.Module, example_input: torch.Tensor | None = None,
     >>> "tiled_region_0" in gm.code
     True
     """
-    x = example_input if example_input is not None else reference_input(model)
-    gm = _prepare(model, x)
+    inputs = _inputs(model, example_inputs, example_kwargs)
+    gm = prepare(model, inputs)
     if plan is None:
-        plan = _choose(gm, x, merge, tiles, memory_budget, max_overhead)
+        plan = _choose(gm, inputs, merge, tiles, memory_budget, max_overhead)
+    elif not isinstance(plan, planner.Plan):
+        raise TilingError(f"plan= takes a tilefx.planner.Plan (from tilefx.plan), got "
+                          f"{type(plan).__name__}")
     out = gm
-    for choice in _regions(plan):
-        out = tile_rewrite(out, choice[0], choice[1], halo=halo)
+    for region in plan.regions:
+        out = tile_rewrite(out, region.merge, region.tiles, halo=halo)
     if out is gm:  # nothing worth tiling: an untiled copy, still an ordinary GraphModule
-        out = GraphModule(gm, gm.graph, type(gm).__name__)
+        out = tile_rewrite_copy(gm)
     out.meta["tilefx_plan"] = plan
-    out.meta["tilefx_example_shape"] = tuple(x.shape)
+    out.meta["tilefx_example_shape"] = tuple(inputs.spatial.shape)
     return out
 
 
-def _prepare(model: torch.nn.Module, x: torch.Tensor) -> GraphModule:
-    """Trace ``model``, check the trace against eager on ``x``, fold channels-last blocks,
-    annotate receptive fields."""
-    _check_rank(model, x)
-    # Refuses training mode before anything runs, runs the graph on x (submodules whose traced
-    # code fails there become opaque leaves) and checks it against eager.
-    gm = trace(model, x)
-    # ConvNeXt-style NHWC blocks become one pointwise call each, so they can join a region.
-    return annotate(fold_channels_last(gm), x)
+def tile_rewrite_copy(gm: GraphModule) -> GraphModule:
+    """An untiled copy of ``gm`` with its calling convention."""
+    out = GraphModule(gm, gm.graph.__deepcopy__(), type(gm).__name__)
+    out.meta.update(gm.meta)
+    return keep_calling_convention(out, gm)
 
 
-def plan(model: torch.nn.Module, example_input: torch.Tensor | None = None, *,
-         tiles: int | tuple[int, ...] | None = None, memory_budget: int | None = None,
+def plan(model: torch.nn.Module, example_inputs: Any = None, example_kwargs: dict | None = None,
+         *, tiles: int | tuple[int, ...] | None = None, memory_budget: int | None = None,
          max_overhead: float | None = None) -> "planner.Plan":
     """Plan the tiling of ``model`` without rewriting it: merge node(s), tile grids, predictions.
 
@@ -133,33 +155,74 @@ def plan(model: torch.nn.Module, example_input: torch.Tensor | None = None, *,
     >>> gm = tilefx.transform(model, x, plan=p)
     >>> torch.testing.assert_close(gm(x), model(x))
     """
-    x = example_input if example_input is not None else reference_input(model)
-    return _choose(_prepare(model, x), x, None, tiles, memory_budget, max_overhead)
+    inputs = _inputs(model, example_inputs, example_kwargs)
+    return _choose(prepare(model, inputs), inputs, None, tiles, memory_budget, max_overhead)
 
 
-def _regions(plan: Any) -> list[tuple[Any, Any]]:
-    if isinstance(plan, (list, tuple)):
-        return list(plan)
-    return [(tuple(r.merge), tuple(r.tiles)) for r in plan.regions]
-
-
-def _choose(gm, x, merge, tiles, memory_budget, max_overhead):
+def _choose(gm: GraphModule, inputs: Inputs, merge, tiles, memory_budget, max_overhead
+            ) -> "planner.Plan":
+    nsp = inputs.spatial.dim() - 2
     if merge is not None:
-        if tiles is None:
-            tiles = _default_grid(gm, merge, x)
-        return [(merge, tiles)]
-    grid = None if tiles is None else tile_grid(tiles, x.dim() - 2)
-    return planner.plan(gm, x, memory_budget=memory_budget, max_overhead=max_overhead, tiles=grid)
+        merge_nodes = resolve_merge(gm, merge)
+        grid = _default_grid(gm, merge_nodes, nsp) if tiles is None else tile_grid(tiles, nsp)
+        names = tuple(n.name for n in merge_nodes)
+        return planner.fixed_plan(gm, inputs, [planner.RegionChoice(names, grid)])
+    grid = None if tiles is None else tile_grid(tiles, nsp)
+    return planner.plan(gm, inputs, memory_budget=memory_budget, max_overhead=max_overhead,
+                        tiles=grid)
 
 
-def _default_grid(gm: GraphModule, merge: Any, x: torch.Tensor) -> tuple[int, ...]:
+def _default_grid(gm: GraphModule, merge_nodes: list, nsp: int) -> tuple[int, ...]:
     """Four tiles per axis, fewer where the region output is too short."""
-    from .passes.tile_rewrite import find_region, resolve_merge
-
-    nsp = x.dim() - 2
-    _, outputs, _ = find_region(gm, resolve_merge(gm, merge))
+    _, outputs, _ = find_region(gm, merge_nodes)
     shortest = [min(facts(o).sizes[a] for o in outputs) for a in range(nsp)]
     return tuple(max(1, min(4, s)) for s in shortest)
+
+
+class TilePass(PassBase):
+    """:func:`transform` as a ``torch.fx`` ``PassBase``, for a ``PassManager``.
+
+    Tiling can then run after other fx passes (conv-bn fusion, a quantizer's rewrites) and
+    before ``torch.compile``. Like every tilefx pass it never mutates the module it is given:
+    ``call(gm)`` returns ``PassResult(tiled_gm, modified)``, where ``modified`` is ``True`` when
+    at least one tiled region was created. Also importable as ``tilefx.passes.TilePass``.
+
+    >>> import torch, torchvision
+    >>> from torch.fx.passes.infra.pass_manager import PassManager
+    >>> from tilefx.passes import TilePass
+    >>> model = torchvision.models.resnet18().eval()
+    >>> x = torch.randn(1, 3, 128, 128)
+    >>> result = PassManager([TilePass(x, merge="layer2", tiles=2)])(torch.fx.symbolic_trace(model))
+    >>> result.modified, "tiled_region_0" in result.graph_module.code
+    (True, True)
+    >>> torch.testing.assert_close(result.graph_module(x), model(x))
+    """
+
+    def __init__(self, example_inputs: Any, example_kwargs: dict | None = None, *,
+                 merge: Any = None, tiles: int | tuple[int, ...] | None = None,
+                 halo: bool = True, plan: Any = None, memory_budget: int | None = None,
+                 max_overhead: float | None = None):
+        super().__init__()
+        self.inputs = as_inputs(example_inputs, example_kwargs)
+        self.options = dict(merge=merge, tiles=tiles, halo=halo, plan=plan,
+                            memory_budget=memory_budget, max_overhead=max_overhead)
+
+    def call(self, graph_module: torch.nn.Module) -> PassResult:
+        before = sum(isinstance(m, TiledRegion) for m in graph_module.modules())
+        out = transform(graph_module, self.inputs, **self.options)
+        after = sum(isinstance(m, TiledRegion) for m in out.modules())
+        return PassResult(out, after > before)
+
+    def requires(self, graph_module: torch.nn.Module) -> None:
+        """Check the pass's precondition: an ``nn.Module`` (ideally a ``GraphModule``)."""
+        if not isinstance(graph_module, torch.nn.Module):
+            raise TilingError(f"TilePass runs on an nn.Module or torch.fx.GraphModule, got "
+                              f"{type(graph_module).__name__}")
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items()
+                         if v is not None and not (k == "halo" and v is True))
+        return f"TilePass(example_inputs=({self.inputs.describe()}){', ' if opts else ''}{opts})"
 
 
 # --------------------------------------------------------------------------- explain
@@ -187,7 +250,7 @@ def explain(gm: GraphModule, file: TextIO | None = sys.stdout) -> str:
     shape = gm.meta.get("tilefx_example_shape")
     regions = _regions_of(gm)
     if not regions:
-        lines.append("untiled: no region lowered the predicted peak (the model runs as traced)")
+        lines.append("untiled: no region lowered the predicted peak (the model runs as captured)")
     by_target = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
     for name, region in regions:
         spec = region.spec
@@ -195,7 +258,7 @@ def explain(gm: GraphModule, file: TextIO | None = sys.stdout) -> str:
         readers = []
         if call is not None:
             for out in call.users:
-                readers.extend(u.name for u in out.users if u.name not in readers)
+                readers.extend(_named(u) for u in out.users if _named(u) not in readers)
         grid = "x".join(map(str, spec.grid))
         mode = "exact (halo)" if region.halo else "APPROXIMATE (no halo)"
         lines.append(f"{name}: {len(spec.nodes)} nodes tiled on a grid {grid}, {mode}")
@@ -205,7 +268,7 @@ def explain(gm: GraphModule, file: TextIO | None = sys.stdout) -> str:
         if shape is not None and region.halo and call is not None:
             lines.extend("  " + s for s in _halo_lines(region, call, shape))
     plan = gm.meta.get("tilefx_plan")
-    if plan is not None and hasattr(plan, "peak_bytes"):
+    if plan is not None and plan.predicted:
         lines.append(f"predicted peak: {_mib(plan.peak_bytes)} tiled vs "
                      f"{_mib(plan.baseline_peak_bytes)} untiled "
                      f"({plan.baseline_peak_bytes / max(plan.peak_bytes, 1):.1f}x lower); "
@@ -214,6 +277,12 @@ def explain(gm: GraphModule, file: TextIO | None = sys.stdout) -> str:
     if file is not None:
         print(text, file=file)
     return text
+
+
+def _named(n) -> str:
+    """``node (module.path)``: a node with the module it runs in, as users name merge points."""
+    path = module_path(n)
+    return f"{n.name} ({path[-1]})" if path else n.name
 
 
 def _mib(b: float) -> str:
@@ -229,18 +298,7 @@ def _halo_lines(region: TiledRegion, call, shape) -> list[str]:
         sizes[name] = tuple(tm.shape[-nsp:]) if tm is not None else tuple(shape[-nsp:])
     sched = region.schedule_for(sizes)
     first = spec.inputs[0]
-    # The input window each tile reads: the hull of its consumers' crops.
-    reads = []
-    for tile in sched.tiles:
-        lo = [math.inf] * nsp
-        hi = [-math.inf] * nsp
-        for key, table in tile.crops.items():
-            if key.endswith("<-" + first):
-                for a, t in enumerate(table):
-                    if t[0] == "slice":
-                        lo[a] = min(lo[a], t[1] - t[3])
-                        hi[a] = max(hi[a], t[2] + t[4])
-        reads.append(tuple(h - l for l, h in zip(lo, hi)))
+    reads = [tuple(b - a for a, b in read_window(tile, first)) for tile in sched.tiles]
     share = tuple(-(-L // g) for L, g in zip(sizes[first], spec.grid))
     widest = tuple(max(r[a] for r in reads) for a in range(nsp))
     return [

@@ -219,11 +219,11 @@ def _mib(b: float) -> str:
 
 
 def _plan_for(model: Any, x: Any, budget: int | None, max_overhead: float | None) -> tuple[Any, Any]:
-    """(plan, annotated GraphModule): trace, check, annotate and ask the planner."""
+    """(plan, annotated GraphModule): capture, check, annotate and ask the planner."""
     from . import planner
-    from .api import _prepare
+    from .api import prepare
 
-    gm = _prepare(model, x)
+    gm = prepare(model, x)
     return planner.plan(gm, x, memory_budget=budget, max_overhead=max_overhead), gm
 
 

@@ -31,7 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
+from torch.utils import _pytree as pytree
+
+from .capture import Inputs, as_inputs
 from .passes.receptive_field import facts
+from .rules import SpatialRule
 
 __all__ = ["Calibration", "NodeCost", "calibrate", "measure_node_costs", "mac_node_costs",
            "MEASURE_MAX_PIXELS"]
@@ -123,10 +127,11 @@ def _pixels(value: Any, nsp: int) -> int:
 def _fixed(n: Node, cal: Calibration, weight_bytes: Mapping[str, int]) -> float:
     """The per-call part of a node: dispatch, plus a convolution's weight reorder."""
     rule = facts(n).rule if "tilefx" in n.meta else None
-    lowering = getattr(rule, "lowering", None)
-    if lowering == "conv":
+    if not isinstance(rule, SpatialRule):
+        return cal.pointwise_call_s
+    if rule.entry.cost == "conv":
         return cal.call_s + weight_bytes.get(n.name, 0) * cal.reorder_s_per_byte
-    if lowering in ("maxpool", "avgpool"):
+    if rule.entry.window and rule.kind != "pad":
         return cal.call_s
     return cal.pointwise_call_s
 
@@ -154,29 +159,37 @@ class _Timer(torch.fx.Interpreter):
         return out
 
 
-def _reduced(x: torch.Tensor, max_pixels: int) -> torch.Tensor:
+def _reduced(inputs: Inputs, max_pixels: int) -> Inputs:
+    """``inputs`` with every image-like input cut to at most ``max_pixels`` positions (the
+    first one's count; all by the same factor per axis, keeping the aspect)."""
+    x = inputs.spatial
     nsp = x.dim() - 2
-    sizes = x.shape[2:]
-    total = math.prod(sizes)
+    total = math.prod(x.shape[2:])
     if total <= max_pixels:
-        return x
+        return inputs
     f = (max_pixels / total) ** (1.0 / nsp)
-    small = [max(int(L * f), 1) for L in sizes]
-    for ax, L in enumerate(small):
-        x = x.narrow(2 + ax, 0, L)
-    return x.contiguous()
+
+    def cut(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor) or t.dim() != nsp + 2:
+            return t
+        for ax, L in enumerate(t.shape[2:]):
+            t = t.narrow(2 + ax, 0, max(int(L * f), 1))
+        return t.contiguous()
+
+    return Inputs(*pytree.tree_map(cut, (inputs.args, inputs.kwargs)))
 
 
-def _time_nodes(gm: GraphModule, x: torch.Tensor, repeats: int) -> _Timer:
+def _time_nodes(gm: GraphModule, inputs: Inputs, repeats: int) -> _Timer:
+    x = inputs.spatial
     timer = _Timer(gm, x.dim() - 2)
     timer.cuda = x.device.type == "cuda"
     with torch.no_grad():
         for _ in range(repeats):
-            timer.run(x)
+            timer.run(*inputs.flat)
     return timer
 
 
-def measure_node_costs(gm: GraphModule, example_input: torch.Tensor, cal: Calibration, *,
+def measure_node_costs(gm: GraphModule, example_inputs: Any, cal: Calibration, *,
                        weight_bytes: Mapping[str, int] = {}, max_pixels: int = MEASURE_MAX_PIXELS,
                        repeats: int = 3) -> dict[str, NodeCost]:
     """Time each node of ``gm`` on this machine and split it into fixed and per-pixel parts.
@@ -188,17 +201,19 @@ def measure_node_costs(gm: GraphModule, example_input: torch.Tensor, cal: Calibr
     grid pays per tile. Where the model cannot run at the half shape (a size fixed in the
     graph), one shape is timed and the fixed part is the call's dispatch and weight reorder.
     ``weight_bytes`` maps convolution nodes to their weights' bytes (``passes.memory.record``'s
-    ``w_bytes``), which oneDNN reorders on every call.
+    ``w_bytes``), which oneDNN reorders on every call. ``example_inputs`` as for
+    ``tilefx.capture.capture``.
     """
-    small = _reduced(example_input, max_pixels)
+    inputs = as_inputs(example_inputs)
+    small = _reduced(inputs, max_pixels)
     try:
         big = _time_nodes(gm, small, repeats)
-    except Exception:
-        if small is example_input:
+    except Exception:  # the capture holds only at the example's shape
+        if small is inputs:
             raise
-        big = _time_nodes(gm, example_input, repeats)
-        small = example_input
-    half_sizes = math.prod(max(L // 2, 1) for L in small.shape[2:])
+        big = _time_nodes(gm, inputs, repeats)
+        small = inputs
+    half_sizes = math.prod(max(L // 2, 1) for L in small.spatial.shape[2:])
     try:
         half = _time_nodes(gm, _reduced(small, half_sizes), repeats)
     except Exception:

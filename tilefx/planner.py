@@ -49,13 +49,14 @@ from torch.fx import GraphModule, Node
 
 from .cost import Calibration, NodeCost, calibrate, mac_node_costs, measure_node_costs
 from .errors import TilingError
-from .passes.memory import Step, conv_workspace, liveness, record
+from .capture import Inputs, as_inputs
+from .passes.memory import Step, liveness, record
 from .passes.receptive_field import facts
-from .passes.tile_rewrite import find_region
-from .spatial import SpatialRule
-from .tiling import _source_window
+from .passes.regions import find_region
+from .rules import SpatialRule
+from .tiling import RegionNode, propagate_axis, split
 
-__all__ = ["RegionChoice", "Plan", "plan", "calibrate", "Calibration", "MAX_TILES", "MAX_REGIONS",
+__all__ = ["RegionChoice", "Plan", "plan", "fixed_plan", "calibrate", "Calibration", "MAX_TILES", "MAX_REGIONS",
            "KNEE_SLOPE", "BUDGET_MARGIN"]
 
 #: Tile counts tried per axis.
@@ -68,7 +69,11 @@ KNEE_SLOPE = 2.0
 #: model's error against measured peaks stays under 5% on the benchmark models.
 BUDGET_MARGIN = 0.05
 
-_WINDOW_LOWERINGS = ("conv", "maxpool", "avgpool", "pad")
+
+
+def _window(rule: Any) -> bool:
+    """A window op: its reads leave the map through its pad, and each tile crops its input."""
+    return isinstance(rule, SpatialRule) and rule.entry.window
 
 
 @dataclass(frozen=True)
@@ -91,20 +96,29 @@ class Plan:
     """
 
     regions: tuple[RegionChoice, ...]
-    peak_bytes: int
-    baseline_peak_bytes: int
-    extra_compute: float
-    time_s: float
-    baseline_time_s: float
+    peak_bytes: int | None
+    baseline_peak_bytes: int | None
+    extra_compute: float | None
+    time_s: float | None
+    baseline_time_s: float | None
     frontier: tuple["Plan", ...] = field(default=(), compare=False, repr=False)
 
     @property
-    def overhead(self) -> float:
+    def predicted(self) -> bool:
+        """Whether the planner chose (and so predicted) this plan."""
+        return self.peak_bytes is not None
+
+    @property
+    def overhead(self) -> float | None:
+        if self.time_s is None:
+            return None
         return self.time_s / self.baseline_time_s - 1.0
 
     @property
-    def ratio(self) -> float:
+    def ratio(self) -> float | None:
         """Predicted peak reduction: untiled peak / this plan's peak."""
+        if self.peak_bytes is None:
+            return None
         return self.baseline_peak_bytes / max(self.peak_bytes, 1)
 
     def pareto(self) -> list["Plan"]:
@@ -113,6 +127,8 @@ class Plan:
 
     def __str__(self) -> str:
         what = " then ".join(map(str, self.regions)) if self.regions else "untiled"
+        if not self.predicted:
+            return f"{what} (fixed by the user; no predictions)"
         return (f"{what}: peak {self.peak_bytes / 2**20:.2f} MiB ({self.ratio:.1f}x lower than "
                 f"{self.baseline_peak_bytes / 2**20:.2f} MiB), extra MACs {self.extra_compute:+.1%}, "
                 f"predicted time {self.overhead:+.1%}")
@@ -136,25 +152,25 @@ class _Segment:
 class _Model:
     """What the planner knows about an annotated graph at the example input."""
 
-    def __init__(self, gm: GraphModule, x: torch.Tensor, cal: Calibration, timing: str):
+    def __init__(self, gm: GraphModule, inputs: Inputs, cal: Calibration, timing: str):
         self.gm = gm
         self.nodes = list(gm.graph.nodes)
         self.index = {n: i for i, n in enumerate(self.nodes)}
-        rec = record(gm, x)
+        rec = record(gm, *inputs.flat)
         self.workspace = rec.workspace
         self.steps = rec.steps
         self.keep = rec.keep
         self.info = rec.info
         self.step_of = {st.name: i for i, st in enumerate(self.steps)}
         self.by_name = {n.name: n for n in self.nodes}
-        self.nsp = x.dim() - 2
+        self.nsp = inputs.spatial.dim() - 2
         peak, _, _ = liveness(self.steps, self.keep)
         self.baseline_peak = peak
         self.total_macs = sum(i["macs"] for i in self.info.values())
         self.cal = cal
         weight_bytes = {k: v["w_bytes"] for k, v in self.info.items() if "w_bytes" in v}
         if timing == "measured":
-            self.costs = measure_node_costs(gm, x, cal, weight_bytes=weight_bytes)
+            self.costs = measure_node_costs(gm, inputs, cal, weight_bytes=weight_bytes)
         elif timing == "macs":
             self.costs = mac_node_costs(gm, {k: v["macs"] for k, v in self.info.items()}, cal,
                                         weight_bytes=weight_bytes)
@@ -200,7 +216,7 @@ class _Model:
             if len(alive) == 1 and i > 0 and ins and set(ins) <= alive:
                 (t,) = alive
                 rule = facts(n).rule
-                window = isinstance(rule, SpatialRule) and rule.lowering in _WINDOW_LOWERINGS
+                window = _window(rule)
                 # The output is a cut too: a network spatial to its end (segmentation, super-
                 # resolution) is tiled whole, its output assembled in the region's buffer.
                 if facts(t).spatial and (window or len(t.users) > 1 or n.op == "output"):
@@ -259,58 +275,33 @@ def _axis_windows(model: _Model, seg: _Segment, axis: int, t: int):
 
 
 def _region_windows(model: _Model, region: list[Node], axis: int, t: int):
+    """Per node, per tile index along ``axis``: window length (L), length of what it reads of
+    its first input (T), and whether that read leaves the map (P)."""
     by_name = model.by_name
-    outs_set = set(region)
-    outputs = [n for n in region if any(u not in outs_set for u in n.users)]
-    rules = {n.name: facts(n).rule for n in region}
+    inside = set(region)
+    outputs = [n for n in region if any(u not in inside for u in n.users)]
+    nodes = [RegionNode(n.name, facts(n).rule) for n in region]
     size = {}
-    for n in region:
-        size[n.name] = facts(n).sizes[axis]
-        for src, _ in rules[n.name].inputs:
+    for rn in nodes:
+        size[rn.name] = facts(by_name[rn.name]).sizes[axis]
+        for src in rn.sources:
             size[src] = facts(by_name[src]).sizes[axis]
-    for o in outputs:
-        if size[o.name] < t:
-            return None
-    consumers: dict[str, list[str]] = {}
-    for n in region:
-        for s, _ in rules[n.name].inputs:
-            consumers.setdefault(s, []).append(n.name)
-    outs = {o.name for o in outputs}
-    names = [n.name for n in region]
-    rows = {nm: i for i, nm in enumerate(names)}
-    L = np.zeros((len(names), t))
-    T = np.zeros((len(names), t))
-    P = np.zeros((len(names), t), dtype=bool)
-    plan_ = []
-    for nm in reversed(names):
-        rule = rules[nm]
-        pad = rule.pad if rule.lowering in _WINDOW_LOWERINGS else None
-        plan_.append((nm, rows[nm], nm in outs, consumers.get(nm, ()),
-                      [(src, maps[axis], size[src], pad) for src, maps in rule.inputs]))
+    if any(size[o.name] < t for o in outputs):
+        return None
+    rows = {rn.name: i for i, rn in enumerate(nodes)}
+    L = np.zeros((len(nodes), t))
+    T = np.zeros((len(nodes), t))
+    P = np.zeros((len(nodes), t), dtype=bool)
     for j in range(t):
-        src_w: dict[tuple[str, str], tuple[int, int]] = {}
-        for nm, i, is_out, cons, ins in plan_:
-            n_out = size[nm]
-            if is_out:
-                lo, hi = j * n_out // t, (j + 1) * n_out // t
-            else:
-                lo = hi = None
-            for c in cons:
-                a, b = src_w[(c, nm)]
-                lo, hi = (a, b) if lo is None else (min(lo, a), max(hi, b))
+        aw = propagate_axis(nodes, {o.name: split(size[o.name], t)[j] for o in outputs}, size, axis)
+        for i, rn in enumerate(nodes):
+            lo, hi = aw.need[rn.name]
             L[i, j] = hi - lo
-            for k, (src, m, n_in, pad) in enumerate(ins):
-                rlo, rhi = m.in_window(lo, hi, n_in, n_out)
-                if pad is None or pad.mode == "constant":
-                    clo, chi = max(rlo, 0), min(rhi, n_in)
-                    if chi <= clo:
-                        clo, chi = (0, 1) if rhi <= 0 else (n_in - 1, n_in)
-                    src_w[(nm, src)] = (clo, chi)
-                else:
-                    src_w[(nm, src)] = _source_window(((rlo, rhi),), (n_in,), pad)[0]
-                if k == 0:
-                    T[i, j] = rhi - rlo
-                    P[i, j] = rlo < 0 or rhi > n_in
+            if rn.sources:
+                src = rn.sources[0]
+                rlo, rhi = aw.reads[(rn.name, src)]
+                T[i, j] = rhi - rlo
+                P[i, j] = rlo < 0 or rhi > size[src]
     return rows, L, T, P
 
 
@@ -358,13 +349,13 @@ def _body(model: _Model, seg: _Segment):
     for i, n in enumerate(seg.nodes):
         rule: SpatialRule = facts(n).rule
         info = model.info.get(n.name, {})
-        if rule.lowering in _WINDOW_LOWERINGS or info.get("kind"):
+        if _window(rule) or info.get("kind"):
             src = by_name[rule.inputs[0][0]]
             tm = src.meta.get("tensor_meta")
             cin = tm.shape[1] if hasattr(tm, "shape") and len(tm.shape) > 1 else 1
             ops.append((i, info.get("kind"), model.bpp(src), cin, info.get("w_bytes", 0),
                         model.bpp(n), info.get("channels", 1), info.get("pw", False),
-                        (rule.lowering in _WINDOW_LOWERINGS and rule.lowering != "pad",
+                        (_window(rule) and rule.kind != "pad",
                          readers.get(src.name, 0) > 1)))
     macs_pp = np.array([model.info.get(nm, {}).get("macs", 0) / max(math.prod(facts(by_name[nm]).sizes), 1)
                         for nm in names])
@@ -373,7 +364,7 @@ def _body(model: _Model, seg: _Segment):
     fixed = float(sum(c.fixed_s for c in costs))
     # Per tile: a halo crop per window-op input and a write per region output, each a call.
     calls = sum(len(facts(n).rule.inputs) for n in seg.nodes
-                if facts(n).rule.lowering in _WINDOW_LOWERINGS) + len(seg.outputs)
+                if _window(facts(n).rule)) + len(seg.outputs)
     fixed += calls * model.cal.pointwise_call_s
     # Scratch memory a node holds while it runs, per output position (a folded channels-last
     # block's hidden MLP activation), beyond the workspace models of ``ops``.
@@ -481,24 +472,23 @@ def _pareto(items, key):
     return out
 
 
-def plan(gm: GraphModule, example_input: torch.Tensor, *, memory_budget: int | None = None,
+def plan(gm: GraphModule, example_inputs: Any, *, memory_budget: int | None = None,
          max_overhead: float | None = None, max_regions: int = MAX_REGIONS,
          calibration: Calibration | None = None, timing: str = "measured",
          tiles: tuple[int, ...] | None = None) -> Plan:
     """Choose merge node(s) and tile grids for an annotated GraphModule.
 
-    ``gm`` must carry ``tensor_meta`` and receptive-field facts (``trace`` then ``annotate``);
-    it is not modified. See the module docstring for the models and the choice rule.
+    ``gm`` must carry ``tensor_meta`` and receptive-field facts (``tilefx.prepare``); it is
+    not modified. ``example_inputs``: one tensor, a tuple, or ``capture.Inputs``. See the module docstring for the models and the choice rule.
     ``timing="measured"`` (default) times the untiled graph once on this machine;
     ``timing="macs"`` predicts time from MACs and ``calibration`` alone (deterministic).
     ``tiles`` fixes every region's tile grid (one count per spatial axis); the planner then
     chooses only the merge node(s).
 
     >>> import torch, torchvision
-    >>> from tilefx.trace import trace
-    >>> from tilefx.passes.receptive_field import annotate
+    >>> from tilefx import prepare
     >>> x = torch.randn(1, 3, 224, 224)
-    >>> gm = annotate(trace(torchvision.models.mobilenet_v2().eval()), x)
+    >>> gm = prepare(torchvision.models.mobilenet_v2().eval(), x)
     >>> p = plan(gm, x)
     >>> p.peak_bytes < p.baseline_peak_bytes
     True
@@ -506,8 +496,9 @@ def plan(gm: GraphModule, example_input: torch.Tensor, *, memory_budget: int | N
     >>> q.peak_bytes <= p.pareto()[-1].peak_bytes
     True
     """
+    inputs = as_inputs(example_inputs)
     cal = calibration or calibrate()
-    model = _Model(gm, example_input, cal, timing)
+    model = _Model(gm, inputs, cal, timing)
     base_time = model.base_time
     base_peak = model.baseline_peak
     starts = [0] + model.cuts
@@ -549,7 +540,7 @@ def plan(gm: GraphModule, example_input: torch.Tensor, *, memory_budget: int | N
     if not candidates:
         raise TilingError(
             f"tiles={tiles}: no merge node has a region whose outputs are at least that many "
-            f"positions per axis at input shape {tuple(example_input.shape)}; use fewer tiles "
+            f"positions per axis at input shape {tuple(inputs.spatial.shape)}; use fewer tiles "
             "or a larger input"
         )
     front = _pareto(candidates, key=lambda c: (c[0], c[1]))
@@ -560,6 +551,16 @@ def plan(gm: GraphModule, example_input: torch.Tensor, *, memory_budget: int | N
     for p in plans:
         object.__setattr__(p, "frontier", frontier)
     return _choose(plans, memory_budget, max_overhead)
+
+
+def fixed_plan(gm: GraphModule, example_inputs: Any, regions: list[RegionChoice]) -> Plan:
+    """The plan of regions the user fixed (``transform(merge=..., tiles=...)``).
+
+    It carries no predictions: the planner did not choose it (``peak_bytes`` and the other
+    predictions are None).
+    """
+    return Plan(regions=tuple(regions), peak_bytes=None, baseline_peak_bytes=None,
+                extra_compute=None, time_s=None, baseline_time_s=None)
 
 
 def _choose(plans: list[Plan], memory_budget: int | None, max_overhead: float | None) -> Plan:

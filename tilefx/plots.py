@@ -17,6 +17,7 @@ from torch.fx import GraphModule
 
 from .errors import TilingError
 from .region import TiledRegion
+from .tiling import read_window
 
 __all__ = ["plot_memory", "plot_pareto", "plot_tiles"]
 
@@ -143,16 +144,15 @@ def plot_memory(model: torch.nn.Module, x: torch.Tensor, tiled: torch.nn.Module 
     ['untiled', 'tiled']
     >>> fig.savefig("/tmp/tilefx_memory.png")
     """
-    from .api import transform
+    from .api import prepare, transform
     from .passes.memory import simulate
-    from .trace import trace
 
     fig, ax = _axes(ax, (10, 4.2))
     with torch.no_grad():
         if _regions(model):
             before, after, after_gm = None, simulate(model, x, workspace=workspace), model
         else:
-            base = model if isinstance(model, GraphModule) else trace(model)
+            base = prepare(model, x)
             before = simulate(base, x, workspace=workspace)
             after_gm = tiled if tiled is not None else transform(model, x, **transform_options)
             after = simulate(after_gm, x, workspace=workspace)
@@ -246,12 +246,11 @@ def plot_pareto(plan: Any, *, ax: Any = None, budget: int | None = None, title: 
         The matplotlib ``Figure``.
 
     >>> import torch, torchvision
-    >>> from tilefx.trace import trace
-    >>> from tilefx.passes.receptive_field import annotate
+    >>> from tilefx import prepare
     >>> from tilefx.planner import plan
     >>> from tilefx.plots import plot_pareto
     >>> x = torch.randn(1, 3, 256, 256)
-    >>> gm = annotate(trace(torchvision.models.resnet18().eval()), x)
+    >>> gm = prepare(torchvision.models.resnet18().eval(), x)
     >>> fig = plot_pareto(plan(gm, x))
     >>> fig.axes[0].get_ylabel()
     'predicted peak memory (MiB)'
@@ -330,7 +329,7 @@ def _region_input_sizes(gm: torch.nn.Module, region: TiledRegion, x: torch.Tenso
     seen: dict = {}
 
     def hook(_, args):
-        seen.update(region._input_sizes(args))
+        seen.update(region.input_sizes(args))
 
     handle = region.register_forward_pre_hook(hook)
     try:
@@ -359,25 +358,6 @@ def _display_image(x: torch.Tensor, image: Any):
         hi = t.amax(dim=(1, 2), keepdim=True)
         return ((t - lo) / (hi - lo).clamp_min(1e-12)).permute(1, 2, 0).numpy(), None
     return t.mean(0).numpy(), "gray"
-
-
-def _read_window(tile: Any, first: str, sizes: tuple[int, ...]) -> list[tuple[int, int]]:
-    """The input rows/cols one tile reads, in input coordinates (beyond the map = padding)."""
-    lo = [math.inf] * len(sizes)
-    hi = [-math.inf] * len(sizes)
-    have = tile.need[first]
-    for key, table in tile.crops.items():
-        if not key.endswith("<-" + first):
-            continue
-        for a, t in enumerate(table):
-            h0 = have[a][0]
-            if t[0] == "slice":
-                lo[a] = min(lo[a], h0 + t[1] - t[3])
-                hi[a] = max(hi[a], h0 + t[2] + t[4])
-            else:  # reflect/replicate indices: what is read, inside the map
-                lo[a] = min(lo[a], h0 + min(t[1]))
-                hi[a] = max(hi[a], h0 + max(t[1]) + 1)
-    return [(int(a), int(b)) if a != math.inf else (0, L) for a, b, L in zip(lo, hi, sizes)]
 
 
 def plot_tiles(gm: torch.nn.Module, x: torch.Tensor, *, region: str | int = 0, image: Any = None,
@@ -449,10 +429,10 @@ def plot_tiles(gm: torch.nn.Module, x: torch.Tensor, *, region: str | int = 0, i
     reach = 0.0
     widest = (0, 0)
     for k, tile in enumerate(sched.tiles):
-        piece = tile.pieces[out0][0]
+        piece = tile.pieces[out0].window
         share = [(a * L[ax_] / full[out0][ax_], b * L[ax_] / full[out0][ax_])
                  for ax_, (a, b) in enumerate(piece)]
-        read = _read_window(tile, first, L)
+        read = read_window(tile, first)
         (r0, r1), (c0, c1) = read
         (s0, s1), (t0, t1) = share
         reach = max(reach, -r0 * sy, -c0 * sx, (r1 - L[0]) * sy, (c1 - L[1]) * sx)

@@ -1,26 +1,32 @@
 """Tile geometry for one input shape: extents, the tile grid, windows and halo crops.
 
 Pure integer arithmetic over a :class:`RegionSpec` (the facts of a region, frozen at rewrite
-time). :func:`schedule` is what a :class:`~tilefx.region.TiledRegion` computes, once per input
-shape, before it runs its tiles: every region output is partitioned by the tile grid (no gaps,
-no overlaps); for every tile, windows are propagated backwards (a node's window is the hull of
-what its consumers read) and every consumer's read becomes a crop of its producer's window,
-with pads where the read leaves the feature map.
+time). Every rule maps windows axis by axis, so a tile's windows are products of per-axis
+intervals: :func:`propagate_axis` computes them for one axis (the planner calls it too, so window
+propagation is written once), and :func:`schedule` combines the axes for every tile of the grid.
+What :func:`schedule` returns is what a :class:`~tilefx.region.TiledRegion` computes, once per
+input shape, before it runs its tiles: every region output is partitioned by the tile grid (no
+gaps, no overlaps); a node's window is the hull of what its consumers read; every consumer's
+read becomes a crop of its producer's window, with pads where the read leaves the feature map.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
+import numbers
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 from .errors import TilingError
-from .spatial import SpatialRule
-from .windows import Interp, Transposed
+from .kernels import CropTable, Gather, Slice
+from .rules import PadSpec, SpatialRule
 
-__all__ = ["RegionSpec", "RegionNode", "TileWindows", "Schedule", "schedule", "crop_key"]
+__all__ = ["RegionSpec", "RegionNode", "Piece", "TileWindows", "Schedule", "AxisWindows",
+           "extents", "propagate_axis", "schedule", "min_input_extent", "read_window", "split", "tile_grid"]
 
-Window = tuple[tuple[int, int], ...]
+Interval = tuple[int, int]
+Window = tuple[Interval, ...]
 
 
 @dataclass(frozen=True)
@@ -45,15 +51,29 @@ class RegionSpec:
     grid: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class Piece:
+    """A tile's piece of a region output: its window in the full output, the crop of the
+    tile's window that holds it, and the full output's extent."""
+
+    window: Window
+    table: CropTable
+    full: tuple[int, ...]
+
+
 @dataclass
 class TileWindows:
-    """Everything one tile's body reads: windows, crop tables and output pieces."""
+    """Everything one tile's body reads: windows, crop tables, per-op data, output pieces.
+
+    ``crops`` is keyed by ``(consumer, producer)`` node names; ``extra`` by node name (the
+    table entry's ``tile_data``); ``pieces`` by region output.
+    """
 
     index: tuple[int, ...]
     need: dict[str, Window]
-    crops: dict[str, tuple] = field(default_factory=dict)
+    crops: dict[tuple[str, str], CropTable] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
-    pieces: dict[str, tuple[Window, tuple]] = field(default_factory=dict)
+    pieces: dict[str, Piece] = field(default_factory=dict)
 
 
 @dataclass
@@ -62,17 +82,18 @@ class Schedule:
     tiles: list[TileWindows]
 
 
-def crop_key(consumer: str, producer: str) -> str:
-    return f"{consumer}<-{producer}"
+@dataclass(frozen=True)
+class AxisWindows:
+    """One axis, one tile index: every node's window (``need``) and what each consumer reads
+    of each producer (``reads``, keyed ``(consumer, producer)``; it may leave the map, where
+    the consumer's pad applies)."""
+
+    need: dict[str, Interval]
+    reads: dict[tuple[str, str], Interval]
 
 
-def _hull(a: Window | None, b: Window) -> Window:
-    if a is None:
-        return b
-    return tuple((min(x0, y0), max(x1, y1)) for (x0, x1), (y0, y1) in zip(a, b))
-
-
-def _split(n: int, parts: int) -> list[tuple[int, int]]:
+def split(n: int, parts: int) -> list[Interval]:
+    """``parts`` near-equal pieces of ``[0, n)``."""
     return [(j * n // parts, (j + 1) * n // parts) for j in range(parts)]
 
 
@@ -84,38 +105,54 @@ def extents(spec: RegionSpec, input_sizes: dict[str, tuple[int, ...]]) -> dict[s
     return sizes
 
 
-def _reads(rn: RegionNode, src: str, maps, win: Window, sizes) -> Window:
-    n_out = sizes[rn.name]
-    n_in = sizes[src]
-    return tuple(
-        m.in_window(a, b, li, lo) for m, (a, b), li, lo in zip(maps, win, n_in, n_out)
-    )
+def source_interval(lo: int, hi: int, n: int, pad: PadSpec | None) -> Interval:
+    """The part of a producer of extent ``n`` that a read of ``[lo, hi)`` touches (reflect and
+    replicate reads fetch rows inside the map for the rows outside it)."""
+    clo, chi = max(lo, 0), min(hi, n)
+    if pad is not None and pad.mode == "reflect":
+        if lo < 0:
+            chi = max(chi, min(-lo + 1, n))
+        if hi > n:
+            clo = min(clo, max(2 * (n - 1) - (hi - 1), 0))
+    elif pad is not None and pad.mode == "replicate":
+        if lo < 0:
+            chi = max(chi, 1)
+        if hi > n:
+            clo = min(clo, n - 1)
+    if chi <= clo:  # a read entirely outside the map still needs one row for its dtype
+        clo, chi = (0, 1) if hi <= 0 else (n - 1, n)
+    return clo, chi
 
 
-def _source_window(target: Window, n: tuple[int, ...], pad) -> Window:
-    """The part of the producer a crop to ``target`` reads (reflect reads inside the map)."""
-    out = []
-    for (lo, hi), L in zip(target, n):
-        clo, chi = max(lo, 0), min(hi, L)
-        if pad is not None and pad.mode == "reflect":
-            if lo < 0:
-                chi = max(chi, min(-lo + 1, L))
-            if hi > L:
-                clo = min(clo, max(2 * (L - 1) - (hi - 1), 0))
-        elif pad is not None and pad.mode == "replicate":
-            if lo < 0:
-                chi = max(chi, 1)
-            if hi > L:
-                clo = min(clo, L - 1)
-        if chi <= clo:  # a read entirely outside the map still needs one row for its dtype
-            clo, chi = (0, 1) if hi <= 0 else (L - 1, L)
-        out.append((clo, chi))
-    return tuple(out)
+def propagate_axis(nodes: Sequence[RegionNode], pieces: dict[str, Interval],
+                   sizes: dict[str, int], axis: int) -> AxisWindows:
+    """Backward window propagation along one axis.
+
+    ``nodes`` in topological order, ``pieces`` the window each region output must produce,
+    ``sizes`` every tensor's extent on this axis. A node's window is the hull of its own piece
+    and what its consumers read of it.
+    """
+    need: dict[str, Interval] = {}
+    reads: dict[tuple[str, str], Interval] = {}
+    touched: dict[str, Interval] = {}
+    for rn in reversed(nodes):
+        w = pieces.get(rn.name)
+        t = touched.get(rn.name)
+        if t is not None:
+            w = t if w is None else (min(w[0], t[0]), max(w[1], t[1]))
+        need[rn.name] = w
+        for src, maps in rn.rule.inputs:
+            lo, hi = maps[axis].in_window(w[0], w[1], sizes[src], sizes[rn.name])
+            reads[(rn.name, src)] = (lo, hi)
+            s = source_interval(lo, hi, sizes[src], rn.rule.pad)
+            old = touched.get(src)
+            touched[src] = s if old is None else (min(old[0], s[0]), max(old[1], s[1]))
+    return AxisWindows(need, reads)
 
 
-def _crop_table(target: Window, have: Window, n: tuple[int, ...], pad) -> tuple:
-    """Per axis: ("slice", start, stop, pad_lo, pad_hi) or ("index", local indices)."""
-    axes = []
+def crop_table(target: Window, have: Window, n: tuple[int, ...], pad: PadSpec | None) -> CropTable:
+    """How a consumer reading ``target`` crops its producer's window ``have`` (extent ``n``)."""
+    axes: list[Slice | Gather] = []
     for (lo, hi), (h0, _), L in zip(target, have, n):
         clo, chi = max(lo, 0), min(hi, L)
         plo, phi = clo - lo, hi - chi
@@ -127,39 +164,12 @@ def _crop_table(target: Window, have: Window, n: tuple[int, ...], pad) -> tuple:
                 else:
                     g = min(max(g, 0), L - 1)
                 idx.append(g - h0)
-            axes.append(("index", tuple(idx)))
+            axes.append(Gather(tuple(idx)))
         else:
             if chi < clo:  # the whole read is padding
                 clo = chi = max(min(lo, L), 0)
                 plo, phi = 0, hi - lo
-            axes.append(("slice", clo - h0, chi - h0, plo, phi))
-    return tuple(axes)
-
-
-def _interp_table(rn: RegionNode, maps, win: Window, target: Window, sizes) -> tuple:
-    """Per axis: local source indices and weights for each output position of ``win``, or, for
-    nearest modes, what the body needs to take ATen's own indices (see ``Interp``)."""
-    axes = []
-    for m, (a, b), (t0, t1), li, lo in zip(maps, win, target, sizes[rn.sources[0]], sizes[rn.name]):
-        assert isinstance(m, Interp)
-        if m.mode in ("nearest", "nearest-exact"):
-            axes.append(("aten", m.mode, m.scale, li, lo, a, b, t0, t1))
-            continue
-        src = [m.source(d, li, lo) for d in range(a, b)]
-        axes.append((m.mode == "linear", tuple(s[0] - t0 for s in src),
-                     tuple(s[1] - t0 for s in src), tuple(s[2] for s in src)))
-    return tuple(axes)
-
-
-def _avgpool_mask(rn: RegionNode, maps, target: Window, n: tuple[int, ...]) -> tuple | None:
-    """Per axis, which positions of the read count in the divisor (None: all of them)."""
-    a = rn.rule.attrs
-    if a["count_include_pad"] and not any(m.ceil_mode for m in maps):
-        return None  # every window covers k positions of the padded map: the divisor is fixed
-    axes = []
-    for m, (lo, hi), L in zip(maps, target, n):
-        first, last = (-m.p, L + m.pr) if a["count_include_pad"] else (0, L)
-        axes.append(tuple(1.0 if first <= g < last else 0.0 for g in range(lo, hi)))
+            axes.append(Slice(clo - h0, chi - h0, plo, phi))
     return tuple(axes)
 
 
@@ -176,62 +186,56 @@ def schedule(spec: RegionSpec, input_sizes: dict[str, tuple[int, ...]]) -> Sched
                     f"the tile grid {spec.grid} is too fine for this input: region output {o} is "
                     f"only {L} long on spatial axis {axis}; use a coarser grid or a larger input"
                 )
-    splits = {o: [_split(L, t) for L, t in zip(sizes[o], spec.grid)] for o in spec.outputs}
-    consumers: dict[str, list[RegionNode]] = {}
-    for rn in spec.nodes:
-        for s in rn.sources:
-            consumers.setdefault(s, []).append(rn)
-
-
+    per_axis = []
+    for axis, t in enumerate(spec.grid):
+        ax_sizes = {k: v[axis] for k, v in sizes.items()}
+        per_axis.append([
+            propagate_axis(spec.nodes, {o: split(sizes[o][axis], t)[j] for o in spec.outputs},
+                           ax_sizes, axis)
+            for j in range(t)])
     tiles = []
     for index in itertools.product(*(range(t) for t in spec.grid)):
+        axw = [per_axis[ax][j] for ax, j in enumerate(index)]
         tw = TileWindows(index=index, need={})
-        pieces = {o: tuple(splits[o][ax][j] for ax, j in enumerate(index)) for o in spec.outputs}
-        # Backward: a node's window is the hull of its own piece and its consumers' reads.
-        for rn in reversed(spec.nodes):
-            w = pieces.get(rn.name)
-            for c in consumers.get(rn.name, ()):
-                w = _hull(w, tw.extra[("src", c.name, rn.name)])
-            tw.need[rn.name] = w
-            for src, maps in rn.rule.inputs:
-                target = _reads(rn, src, maps, w, sizes)
-                tw.extra[("target", rn.name, src)] = target
-                pad = rn.rule.pad if rn.rule.lowering in ("conv", "maxpool", "avgpool", "pad") else None
-                tw.extra[("src", rn.name, src)] = _source_window(target, sizes[src], pad)
         for name in spec.inputs:
             tw.need[name] = tuple((0, L) for L in sizes[name])
-        # Forward facts for the body: crops, interpolation tables, placements, pieces.
         for rn in spec.nodes:
-            w = tw.need[rn.name]
-            for src, maps in rn.rule.inputs:
-                target = tw.extra.pop(("target", rn.name, src))
-                tw.extra.pop(("src", rn.name, src))
-                pad = rn.rule.pad
-                tw.crops[crop_key(rn.name, src)] = _crop_table(target, tw.need[src], sizes[src], pad)
-                if rn.rule.lowering == "interp":
-                    tw.extra[rn.name] = _interp_table(rn, maps, w, target, sizes)
-                elif rn.rule.lowering == "transposed":
-                    made = tuple(m.produced(lo, hi) for m, (lo, hi) in zip(maps, target))
-                    tw.crops[rn.name + "@out"] = tuple(
-                        ("slice", a - m0, b - m0, 0, 0) if m0 <= a and b <= m1 else
-                        ("slice", max(a, m0) - m0, min(b, m1) - m0, max(m0 - a, 0), max(b - m1, 0))
-                        for (a, b), (m0, m1) in zip(w, made)
-                    )
-                elif rn.rule.lowering == "shuffle" and not rn.rule.attrs["down"]:
-                    r = rn.rule.attrs["factor"]
-                    tw.crops[rn.name + "@out"] = tuple(
-                        ("slice", a - t0 * r, b - t0 * r, 0, 0) for (a, b), (t0, _) in zip(w, target)
-                    )
-                elif rn.rule.lowering == "avgpool":
-                    tw.extra[rn.name] = _avgpool_mask(rn, maps, target, sizes[src])
-            if rn.rule.lowering == "select":
-                (src, _), = rn.rule.inputs
-                tw.crops[crop_key(rn.name, src)] = _crop_table(w, tw.need[src], sizes[src], None)
+            tw.need[rn.name] = tuple(a.need[rn.name] for a in axw)
+        for rn in spec.nodes:
+            targets = []
+            for src, _ in rn.rule.inputs:
+                target = tuple(a.reads[(rn.name, src)] for a in axw)
+                targets.append(target)
+                tw.crops[(rn.name, src)] = crop_table(target, tw.need[src], sizes[src],
+                                                      rn.rule.pad)
+            data = rn.rule.entry.tile_data(rn.rule, rn.name, tw.need[rn.name], targets, sizes)
+            if data is not None:
+                tw.extra[rn.name] = data
         for o in spec.outputs:
-            piece = pieces[o]
-            tw.pieces[o] = (piece, _crop_table(piece, tw.need[o], sizes[o], None), sizes[o])
+            piece = tuple(split(L, t)[j] for L, t, j in zip(sizes[o], spec.grid, index))
+            tw.pieces[o] = Piece(piece, crop_table(piece, tw.need[o], sizes[o], None), sizes[o])
         tiles.append(tw)
     return Schedule(sizes=sizes, tiles=tiles)
+
+
+def read_window(tile: TileWindows, producer: str) -> Window:
+    """The rows of ``producer`` one tile reads, in the producer's coordinates (beyond the map:
+    padding): the hull of every consumer's crop of it."""
+    have = tile.need[producer]
+    lo = [math.inf] * len(have)
+    hi = [-math.inf] * len(have)
+    for (_, src), table in tile.crops.items():
+        if src != producer:
+            continue
+        for a, t in enumerate(table):
+            h0 = have[a][0]
+            if isinstance(t, Slice):
+                lo[a] = min(lo[a], h0 + t.start - t.pad_lo)
+                hi[a] = max(hi[a], h0 + t.stop + t.pad_hi)
+            else:  # reflect/replicate indices: what is read, inside the map
+                lo[a] = min(lo[a], h0 + min(t.indices))
+                hi[a] = max(hi[a], h0 + max(t.indices) + 1)
+    return tuple((int(a), int(b)) if a != math.inf else w for a, b, w in zip(lo, hi, have))
 
 
 def min_input_extent(spec: RegionSpec, input_sizes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
@@ -255,3 +259,15 @@ def min_input_extent(spec: RegionSpec, input_sizes: dict[str, tuple[int, ...]]) 
                 break
         out.append(lo)
     return tuple(out)
+
+
+def tile_grid(tiles: Any, nsp: int) -> tuple[int, ...]:
+    """``tiles`` (one count, or one per spatial axis) as a grid of ``nsp`` positive ints."""
+    grid = (tiles,) * nsp if isinstance(tiles, int) else tuple(tiles)
+
+    def count(t: Any) -> bool:
+        return not isinstance(t, bool) and isinstance(t, numbers.Integral) and t >= 1
+
+    if len(grid) != nsp or not all(count(t) for t in grid):
+        raise TilingError(f"tiles={tiles!r}: give one positive count or one per spatial axis ({nsp})")
+    return tuple(int(t) for t in grid)

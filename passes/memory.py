@@ -1,7 +1,7 @@
 """Static memory model: the liveness of a graph's tensors, untiled or tiled.
 
-:func:`simulate` predicts the quantity ``tilefx.measure.peak_memory`` measures (DESIGN.md, "What
-peak memory means here"): the highest total of tensor bytes alive at once during the forward
+:func:`simulate` predicts the quantity ``tilefx.measure.peak_memory`` measures (docs/design.md,
+"What peak memory means"): the highest total of tensor bytes alive at once during the forward
 call. Weights and the caller's input are alive before the call and are not counted; the
 tensors the call creates are, its outputs included.
 
@@ -27,6 +27,7 @@ output; max pooling holds two outputs besides its own. The weight reorder matter
 from __future__ import annotations
 
 import math
+from operator import attrgetter
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -38,6 +39,9 @@ from torch.fx import GraphModule
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_flatten
 
+from ..kernels import Gather, write_tile
+from ..region import TiledRegion
+from ..rules import cost_class
 from .channels_last import ChannelsLastBlock
 
 __all__ = ["MemoryProfile", "Step", "simulate", "record", "liveness", "cpu_workspace", "conv_workspace",
@@ -136,24 +140,10 @@ def conv_workspace(in_bytes: int, cin: int, w_bytes: int, out_bytes: int, cout: 
     return max(held - out_bytes, 0)
 
 
-_CONV_FUNCS = (F.conv1d, F.conv2d, F.conv3d)
-_MAXPOOL_FUNCS = (F.max_pool1d, F.max_pool2d, F.max_pool3d, torch.max_pool1d, torch.max_pool2d,
-                  torch.max_pool3d)
-
-
 def tile_workspace_kind(node: torch.fx.Node, module: nn.Module | None) -> str | None:
-    """``"conv"``, ``"maxpool"`` or None: which workspace rule a node falls under."""
-    if node.op == "call_module":
-        if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
-            return "conv"
-        if isinstance(module, nn.modules.pooling._MaxPoolNd):
-            return "maxpool"
-    elif node.op == "call_function":
-        if node.target in _CONV_FUNCS:
-            return "conv"
-        if node.target in _MAXPOOL_FUNCS:
-            return "maxpool"
-    return None
+    """``"conv"``, ``"maxpool"`` or None: which workspace rule a node falls under (its rule
+    table entry's cost class)."""
+    return cost_class(node, module)
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -172,17 +162,16 @@ def cpu_workspace(kind: str | None, x: Any, weight: Any, out: Any, kernel: tuple
     return 0
 
 
-def _op_params(node: torch.fx.Node, module: nn.Module | None, args: tuple, kwargs: dict):
-    """(input, weight, kernel, stride) of a conv or pooling node, from its module or arguments."""
-    x = args[0] if args else kwargs.get("input")
-    if module is not None:
-        w = getattr(module, "weight", None)
-        k = getattr(module, "kernel_size", ())
-        s = getattr(module, "stride", ())
-    else:
+def _op_params(node: torch.fx.Node, args: tuple, kwargs: dict):
+    """(input, weight, kernel, stride) of an ATen convolution or pooling node."""
+    x = args[0] if args else kwargs.get("input", kwargs.get("self"))
+    if cost_class(node) == "conv":
         w = args[1] if len(args) > 1 else kwargs.get("weight")
         s = args[3] if len(args) > 3 else kwargs.get("stride", 1)
-        k = tuple(w.shape[2:]) if isinstance(w, torch.Tensor) and node.target in _CONV_FUNCS else ()
+        k = tuple(w.shape[2:]) if isinstance(w, torch.Tensor) else ()
+    else:
+        w, k = None, args[1] if len(args) > 1 else kwargs.get("kernel_size", ())
+        s = args[2] if len(args) > 2 else kwargs.get("stride", ())
     k = tuple(k) if isinstance(k, (tuple, list)) else (k,)
     s = tuple(s) if isinstance(s, (tuple, list)) else (s,)
     return x, w, k, s
@@ -220,7 +209,6 @@ class _Recorder(torch.fx.Interpreter):
         module = self.module.get_submodule(n.target) if n.op == "call_module" else None
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         before = {self._key(t) for t in _tensors((args, kwargs))}
-        from ..region import TiledRegion, write_tile
         if isinstance(module, TiledRegion):
             result, step = _region_step(module, args, self.workspace, self.external)
             step.name = n.name
@@ -253,7 +241,7 @@ class _Recorder(torch.fx.Interpreter):
             # per output position, so a tile's share follows its window (planner._tile_cost)
             info["transient_pp"] = step.transient / max(math.prod(result.shape[2:]), 1)
         if kind is not None:
-            x, w, k_, s = _op_params(n, module, args, kwargs)
+            x, w, k_, s = _op_params(n, args, kwargs)
             if kind == "conv" and isinstance(w, torch.Tensor):
                 info.update(w_bytes=_nbytes(w), pw=all(k == 1 for k in k_) and any(v > 1 for v in s))
             if self.workspace == "cpu":
@@ -274,41 +262,56 @@ def _block_transient(block: ChannelsLastBlock, x: torch.Tensor, out: torch.Tenso
     return max(int(peak) - out.untyped_storage().nbytes(), 0)
 
 
+_LINEAR = (torch.ops.aten.linear.default,)
+_CONV_PACKETS = {getattr(torch.ops.aten, k) for k in (
+    "conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose1d",
+    "conv_transpose2d", "conv_transpose3d")}
+
+
+def _transposed(n: torch.fx.Node) -> bool:
+    name = n.target.overloadpacket.__name__
+    if name.startswith("conv_transpose"):
+        return True
+    return name.endswith("convolution") and bool(n.args[6] if len(n.args) > 6
+                                                  else n.kwargs.get("transposed"))
+
+
 def _macs(n: torch.fx.Node, module: nn.Module | None, args: tuple, kwargs: dict, out: Any) -> int:
     """Multiply-accumulates of a convolution or linear node (0 for everything else)."""
     if not isinstance(out, torch.Tensor):
         return 0
-    if isinstance(module, nn.modules.conv._ConvNd):
-        w = module.weight
-        if module.transposed:
-            x = args[0]
-            return x.numel() * w.shape[1] * math.prod(w.shape[2:])
-        return out.numel() * w.shape[1] * math.prod(w.shape[2:])
-    if n.op == "call_function" and n.target in _CONV_FUNCS:
-        w = args[1] if len(args) > 1 else kwargs["weight"]
-        return out.numel() * w.shape[1] * math.prod(w.shape[2:])
-    if isinstance(module, nn.Linear):
-        return out.numel() * module.in_features
-    if isinstance(module, ChannelsLastBlock):  # its Linear layers, at every position
+    if isinstance(module, ChannelsLastBlock):  # its linear layers, at every position
         positions = out.numel() // max(out.shape[1], 1)
-        return positions * sum(m.in_features * m.out_features for m in module.body.modules()
-                               if isinstance(m, nn.Linear))
-    if n.op == "call_function" and n.target is F.linear:
+        return positions * sum(
+            math.prod(_attr(module.body, m.args[1].target).shape) for m in module.body.graph.nodes
+            if m.op == "call_function" and m.target in _LINEAR and m.args[1].op == "get_attr")
+    if n.op != "call_function":
+        return 0
+    if getattr(n.target, "overloadpacket", None) in _CONV_PACKETS:
+        w = args[1] if len(args) > 1 else kwargs["weight"]
+        if _transposed(n):
+            return args[0].numel() * w.shape[1] * math.prod(w.shape[2:])
+        return out.numel() * w.shape[1] * math.prod(w.shape[2:])
+    if n.target in _LINEAR:
         w = args[1] if len(args) > 1 else kwargs["weight"]
         return out.numel() * w.shape[1]
     return 0
 
 
+def _attr(root: nn.Module, target: str) -> Any:
+    return attrgetter(target)(root)
+
+
 def _tile_signature(tile) -> tuple:
     lengths = tuple(tuple(hi - lo for lo, hi in w) for w in tile.need.values())
-    pads = tuple(tuple(s[0] == "index" or bool(s[3] or s[4]) for s in table)
+    pads = tuple(tuple(isinstance(s, Gather) or bool(s.pad_lo or s.pad_hi) for s in table)
                  for table in tile.crops.values())
     return lengths, pads
 
 
 def _region_step(region, args: tuple, workspace: str | None, external: set) -> tuple[Any, Step]:
     """A TiledRegion call as one step: its output buffers, and one tile's peak as scratch."""
-    sched = region.schedule_for(region._input_sizes(args))
+    sched = region.schedule_for(region.input_sizes(args))
     buffers: dict[str, torch.Tensor] = {}
     body_peak = 0
     seen: set = set()
@@ -355,10 +358,10 @@ def simulate(gm: GraphModule, *example_inputs: Any, workspace: str | None = "aut
     was calibrated), ``None`` counts tensors only, ``"auto"`` picks ``"cpu"`` for CPU inputs.
 
     >>> import torch, torchvision
-    >>> from tilefx.trace import trace
+    >>> from tilefx import prepare
     >>> from tilefx.measure import peak_memory
     >>> m = torchvision.models.resnet18().eval(); x = torch.randn(1, 3, 224, 224)
-    >>> gm = trace(m)
+    >>> gm = prepare(m, x)
     >>> p = simulate(gm, x)
     >>> abs(p.peak_bytes - peak_memory(gm, x)) < 0.1 * p.peak_bytes
     True

@@ -15,8 +15,8 @@ from torch.fx import GraphModule, Node
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import TilingError
-from ..trace import module_path, mutable_args
-from ..spatial import Barrier, RuleContext, SpatialRule, rule_for
+from ..capture import as_inputs, module_path
+from ..rules import Barrier, RuleContext, SpatialRule, rule_for
 
 __all__ = ["Provenance", "NodeFacts", "ReceptiveField", "annotate", "facts"]
 
@@ -50,11 +50,13 @@ class NodeFacts:
 class ReceptiveField(ShapeProp):
     """ShapeProp that also writes ``node.meta["tilefx"]``.
 
-    >>> import torch, torch.fx
-    >>> gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1),
-    ...                                                  torch.nn.AdaptiveAvgPool2d(1)))
-    >>> _ = ReceptiveField(gm).propagate(torch.randn(1, 3, 8, 8))
-    >>> [n.meta["tilefx"].spatial for n in gm.graph.nodes if n.op == "call_module"]
+    >>> import torch
+    >>> from tilefx.capture import capture
+    >>> x = torch.randn(1, 3, 8, 8)
+    >>> gm = capture(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1),
+    ...                                  torch.nn.AdaptiveAvgPool2d(1)).eval(), x)
+    >>> _ = ReceptiveField(gm).propagate(x)
+    >>> [n.meta["tilefx"].spatial for n in gm.graph.nodes if n.op == "call_function"]
     [True, False]
     """
 
@@ -63,21 +65,10 @@ class ReceptiveField(ShapeProp):
         self.nsp = nsp
 
     def propagate(self, *args: Any) -> Any:
+        """Run on the graph's flat inputs (one per placeholder)."""
         if self.nsp is None:
-            x = next((a for a in args if isinstance(a, torch.Tensor)), None)
-            if x is None or x.dim() < 3:
-                raise TilingError(
-                    "tilefx needs a batched input of shape (N, C, *spatial) with 1 to 3 spatial "
-                    f"axes; got {None if x is None else tuple(x.shape)}. Add a batch axis "
-                    "(x.unsqueeze(0)) or pass the example input the model takes."
-                )
-            self.nsp = x.dim() - 2
+            self.nsp = as_inputs(args).spatial.dim() - 2
         return super().propagate(*args)
-
-    def fetch_args_kwargs_from_env(self, n: Node) -> tuple[tuple, dict]:
-        # Fresh mutable lists, as the GraphModule's generated code builds them on every call.
-        args, kwargs = super().fetch_args_kwargs_from_env(n)
-        return mutable_args(args), mutable_args(kwargs)
 
     def run_node(self, n: Node) -> Any:
         try:
@@ -89,10 +80,9 @@ class ReceptiveField(ShapeProp):
             paths = module_path(n)
             where = f" (in module {paths[-1]!r})" if paths else ""
             raise TilingError(
-                f"node {n.format_node()}{where} fails when the traced graph runs on the example "
-                f"input: {type(cause).__name__}: {cause}. Trace with tilefx.trace(model, x), which "
-                "runs the graph and keeps the submodules whose traced code fails as opaque leaves, "
-                "and check that the model itself runs on x"
+                f"node {n.format_node()}{where} fails when the captured graph runs on the example "
+                f"input: {type(cause).__name__}: {cause}. Capture the model with "
+                "tilefx.capture.capture(model, x) and check that the model itself runs on x"
             ) from cause
         n.meta["tilefx"] = _facts_of(n, self.module, self.nsp)
         return result
@@ -133,10 +123,14 @@ def _facts_of(n: Node, gm: GraphModule, nsp: int) -> NodeFacts:
     return NodeFacts(rule, sizes)
 
 
-def annotate(gm: GraphModule, *example_inputs: Any) -> GraphModule:
-    """Run the receptive-field analysis on ``gm`` in place of its ``meta`` and return it."""
+def annotate(gm: GraphModule, example_inputs: Any, example_kwargs: dict | None = None
+             ) -> GraphModule:
+    """Run the receptive-field analysis on ``gm`` in place of its ``meta`` and return it.
+
+    ``example_inputs``: one tensor or a tuple of positional inputs, as for ``capture``.
+    """
     with torch.no_grad():
-        ReceptiveField(gm).propagate(*example_inputs)
+        ReceptiveField(gm).propagate(*as_inputs(example_inputs, example_kwargs).flat)
     return gm
 
 

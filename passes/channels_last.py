@@ -10,30 +10,37 @@ copied), which the rule table knows as pointwise. Chains it cannot prove per-pos
 alone, so they stay barriers.
 
 >>> import torch, torchvision
->>> from tilefx.trace import trace
->>> gm = fold_channels_last(trace(torchvision.models.convnext_tiny().eval()))
+>>> from tilefx.capture import capture
+>>> m = torchvision.models.convnext_tiny().eval()
+>>> gm = fold_channels_last(capture(m, torch.randn(1, 3, 64, 64)))
 >>> sum(isinstance(m, ChannelsLastBlock) for m in gm.modules())
-23
+21
 """
 
 from __future__ import annotations
 
-import operator
+from operator import attrgetter
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
 
+from ..capture import keep_calling_convention
+from ..rules import Pointwise, register
+
 __all__ = ["ChannelsLastBlock", "fold_channels_last"]
 
-#: Modules that act on each position's last-axis vector alone.
-_LAST_AXIS_MODULES = (nn.Linear, nn.GELU, nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.Sigmoid,
-                      nn.Tanh, nn.Identity, nn.Dropout)
-_LAST_AXIS_FUNCTIONS = (F.linear, F.gelu, F.relu, F.silu, F.hardswish, torch.sigmoid, torch.tanh,
-                        F.dropout)
-_SCALE_FUNCTIONS = (operator.mul, operator.add, torch.mul, torch.add)
+aten = torch.ops.aten
+
+#: ATen ops that act on each position's last-axis vector alone (or elementwise).
+_LAST_AXIS_OPS = {getattr(aten, k) for k in (
+    "linear", "gelu", "relu", "relu_", "silu", "silu_", "hardswish", "hardswish_", "sigmoid",
+    "tanh", "clone", "contiguous", "alias", "detach")}
+#: Elementwise ops with a parameter operand (layer scale, bias), fine when the parameter
+#: broadcasts along the last (channel) axis only.
+_SCALE_OPS = {aten.mul, aten.add, aten.mul_, aten.add_}
+_DROPOUT_OPS = {aten.dropout, aten.dropout_}
 
 
 class ChannelsLastBlock(nn.Module):
@@ -55,14 +62,9 @@ class ChannelsLastBlock(nn.Module):
 
 
 def _perm(n: Node) -> tuple[int, ...] | None:
-    if n.op == "call_method" and n.target == "permute":
-        dims = n.args[1:]
-    elif n.op == "call_function" and n.target is torch.permute:
-        dims = n.args[1:] or (n.kwargs.get("dims"),)
-    else:
+    if n.op != "call_function" or getattr(n.target, "overloadpacket", None) is not aten.permute:
         return None
-    if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
-        dims = tuple(dims[0])
+    dims = n.args[1] if len(n.args) > 1 else n.kwargs.get("dims")
     return tuple(dims) if all(isinstance(d, int) for d in dims) else None
 
 
@@ -74,38 +76,25 @@ def _to_first(rank: int) -> tuple[int, ...]:
     return (0, rank - 1, *range(1, rank - 1))
 
 
-def _attr(gm: GraphModule, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part, None)
-    return obj
-
-
 def _per_position(n: Node, gm: GraphModule, x: Node) -> bool:
     """Whether ``n`` (reading the chain value ``x``) acts on each position's vector alone."""
     others = [u for u in n.all_input_nodes if u is not x]
-    if any(u.op != "get_attr" for u in others):
+    if n.op != "call_function" or any(u.op != "get_attr" for u in others):
         return False  # another computed operand could vary over space
-    if n.op == "call_module":
-        m = gm.get_submodule(n.target)
-        if isinstance(m, nn.LayerNorm):
-            return len(m.normalized_shape) == 1
-        return isinstance(m, _LAST_AXIS_MODULES) and not (isinstance(m, nn.Dropout) and m.training)
-    if n.op == "call_function":
-        if n.target is F.layer_norm:
-            shape = n.args[1] if len(n.args) > 1 else n.kwargs.get("normalized_shape")
-            return isinstance(shape, (tuple, list)) and len(shape) == 1
-        if n.target is F.dropout:
-            return n.kwargs.get("training", n.args[2] if len(n.args) > 2 else True) is False
-        if n.target in _LAST_AXIS_FUNCTIONS:
-            return True
-        if n.target in _SCALE_FUNCTIONS:
-            # x * w or x + b with a parameter broadcast along the last (channel) axis only
-            for u in others:
-                t = _attr(gm, u.target)
-                if not isinstance(t, torch.Tensor) or t.dim() > 1:
-                    return False
-            return True
+    if n.args[0] is not x:
+        return False
+    op = getattr(n.target, "overloadpacket", None)
+    if op is aten.layer_norm:
+        shape = n.args[1] if len(n.args) > 1 else n.kwargs.get("normalized_shape")
+        return isinstance(shape, (tuple, list)) and len(shape) == 1
+    if op in _DROPOUT_OPS:
+        return (n.args[2] if len(n.args) > 2 else n.kwargs.get("train", True)) is False
+    if op in _LAST_AXIS_OPS:
+        return True
+    if op in _SCALE_OPS:
+        # x * w or x + b with a parameter broadcast along the last (channel) axis only
+        return all(isinstance(t := attrgetter(u.target)(gm), torch.Tensor) and t.dim() <= 1
+                   for u in others)
     return False
 
 
@@ -136,6 +125,7 @@ def fold_channels_last(gm: GraphModule) -> GraphModule:
     as a copy with the same code."""
     out = GraphModule(gm, gm.graph.__deepcopy__(), type(gm).__name__)
     out.meta.update(gm.meta)
+    keep_calling_convention(out, gm)
     chains = _chains(out)
     for k, chain in enumerate(chains):
         first, last = chain[0], chain[-1]
@@ -144,6 +134,7 @@ def fold_channels_last(gm: GraphModule) -> GraphModule:
         env: dict[Node, Any] = {first: body.placeholder("x")}
         for n in chain[1:-1]:
             env[n] = body.node_copy(n, lambda u: env[u] if u in env else body.get_attr(u.target))
+            env[n].meta = {k: v for k, v in n.meta.items() if k != "tilefx"}
         body.output(env[chain[-2]] if len(chain) > 2 else env[first])
         name = f"channels_last_block_{k}"
         out.add_submodule(name, ChannelsLastBlock(GraphModule(out, body, "ChannelsLastBody"), rank - 2))
@@ -162,3 +153,6 @@ def fold_channels_last(gm: GraphModule) -> GraphModule:
     out.graph.lint()
     out.recompile()
     return out
+
+
+register(ChannelsLastBlock)(Pointwise)  # per-position work: a window maps to itself

@@ -1,0 +1,225 @@
+"""The tile rewrite: move a region of a GraphModule into a :class:`~tilefx.region.TiledRegion`.
+
+``tile_rewrite(gm, merge, tiles)`` returns a new GraphModule (``gm`` is never mutated) in which
+the region before the merge node(s) is one ``call_module`` node; the merge node and everything
+after it read the region's outputs, which are full-size tensors assembled tile by tile. The
+region's body graph computes one tile, with an explicit halo-crop node for every read.
+``gm`` must carry the receptive-field facts (``passes.receptive_field.annotate``).
+"""
+
+from __future__ import annotations
+
+import operator
+from operator import attrgetter
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch.fx import Graph, GraphModule, Node
+
+import networkx as nx
+
+from ..capture import keep_calling_convention
+from ..errors import TilingError
+from ..kernels import LEAF_FUNCTIONS, halo_crop, write_tile
+from ..region import TiledRegion
+from ..rules import Barrier, SpatialRule
+from ..tiling import RegionNode, RegionSpec, min_input_extent, tile_grid
+from .receptive_field import NodeFacts, Provenance, facts
+from .regions import find_region, resolve_merge, tensor_valued
+
+__all__ = ["tile_rewrite"]
+
+
+def _made(origin: str, role: str, sizes=None) -> NodeFacts:
+    return NodeFacts(Barrier(f"created by the tile rewrite ({role})"), sizes, Provenance(origin, role))
+
+
+class _BodyBuilder:
+    """Builds the tile body graph; the rule table's ``emit`` methods call it.
+
+    ``crop(n, src, pad)`` is a halo-crop node of ``src``'s window for consumer ``n``;
+    ``copy(n, crops)`` is ``n`` itself with its spatial operands replaced by their crops;
+    ``call(...)`` any other node; ``value(u)`` a non-spatial operand (a parameter or a
+    tensor computed before the region).
+    """
+
+    def __init__(self, region: list[Node], outputs: list[Node], nsp: int):
+        self.g = Graph()
+        self.outputs = {n.name for n in outputs}
+        self.nsp = nsp
+        self.env: dict[str, Node] = {}
+
+    def call(self, target, args, kwargs=None, name=None, origin="", role="op", op="call_function"):
+        n = self.g.create_node(op, target, tuple(args), dict(kwargs or {}), name=name)
+        n.meta["tilefx"] = _made(origin, role)
+        if op == "call_function" and target in LEAF_FUNCTIONS:
+            n.meta["is_wrapped"] = True  # a leaf when torch.load re-traces the body's code
+        return n
+
+    def value(self, u: Node) -> Node:
+        if u.name not in self.env:
+            if u.op == "get_attr":
+                self.env[u.name] = self.call(u.target, (), origin=u.name, op="get_attr")
+            else:
+                raise TilingError(f"region reads {u.format_node()} which is not available in the tile")
+        return self.env[u.name]
+
+    def crop(self, n: Node, src: str, pad=None) -> Node:
+        args = [self.env[src], self.tile, n.name, src]
+        if pad is not None and pad.mode == "constant" and pad.value != 0.0:
+            args.append(pad.value)
+        return self.call(halo_crop, args, name=f"{n.name}_halo_{src}", origin=n.name,
+                         role="halo_crop")
+
+    def copy(self, n: Node, crops: dict[str, Node]) -> Node:
+        def sub(u: Node) -> Node:
+            return crops.get(u.name) or self.value(u)
+
+        args = torch.fx.map_arg(n.args, sub)
+        kwargs = torch.fx.map_arg(n.kwargs, sub)
+        target = n.target
+        if n.op == "call_module":
+            return self.call(target, args, kwargs, name=n.name, origin=n.name, op="call_module")
+        return self.call(target, args, kwargs, name=n.name, origin=n.name)
+
+    def emit(self, n: Node) -> None:
+        rule: SpatialRule = facts(n).rule
+        out = rule.entry.emit(self, n, rule)
+        self.env[n.name] = out
+        if n.name in self.outputs:
+            self.call(write_tile, (self.buffers, self.tile, n.name, out), name=f"write_{n.name}",
+                      origin=n.name, role="write_tile")
+
+
+def _approx_graph(nodes: list[Node], outputs: list[Node], placeholders: list[Node]) -> Graph:
+    """The region's original ops (and the shape queries they read) as a standalone graph, for
+    the approximate halo-free mode."""
+    g = Graph()
+    env: dict[Node, Node] = {}
+    for p in placeholders:
+        env[p] = g.placeholder(p.name)
+    for n in nodes:
+        for u in n.all_input_nodes:
+            if u not in env and u.op == "get_attr":
+                env[u] = g.get_attr(u.target)
+        env[n] = g.node_copy(n, lambda u: env[u])
+    g.output(tuple(env[o] for o in outputs))
+    return g
+
+
+def tile_rewrite(gm: GraphModule, merge: Any, tiles: int | Iterable[int], halo: bool = True,
+                 name: str | None = None) -> GraphModule:
+    """Return a copy of ``gm`` whose region before ``merge`` runs tile by tile.
+
+    ``gm`` must have been annotated by ``receptive_field.annotate``. ``tiles`` is the tile
+    grid (an int for every spatial axis, or one count per axis).
+
+    >>> import torch, torchvision
+    >>> from tilefx.trace import trace
+    >>> from tilefx.passes.receptive_field import annotate
+    >>> m = torchvision.models.resnet18().eval(); x = torch.randn(1, 3, 128, 128)
+    >>> gm = annotate(trace(m, x), x)
+    >>> tiled = tile_rewrite(gm, "layer2", tiles=2)
+    >>> torch.testing.assert_close(tiled(x), m(x))
+    """
+    merge_nodes = resolve_merge(gm, merge)
+    region, outputs, absorbed = find_region(gm, merge_nodes)
+    if not region:
+        raise TilingError(f"nothing to tile before merge node {merge_nodes[0].format_node()}")
+    nsp = len(facts(region[0]).sizes)
+    grid = tile_grid(tiles, nsp)
+    in_region = set(region)
+    # Region inputs: tensors computed outside the region (graph inputs, earlier regions'
+    # outputs). Parameters are read in the body through get_attr, sharing the model's weights.
+    placeholders = [p for p in gm.graph.nodes if p not in in_region and p.op != "get_attr"
+                    and tensor_valued(p) and any(u in in_region for u in p.users)]
+    spatial_inputs = [p for p in placeholders
+                      if any(p.name in {s for s, _ in facts(u).rule.inputs}
+                             for u in p.users if u in in_region)]
+
+    b = _BodyBuilder(region, outputs, nsp)
+    for p in placeholders:
+        b.env[p.name] = b.call(p.name, (), name=p.name, origin=p.name, role="input",
+                               op="placeholder")
+    b.buffers = b.call("buffers", (), name="buffers", role="input", op="placeholder")
+    b.tile = b.call("tile", (), name="tile", role="input", op="placeholder")
+    for n in region:
+        b.emit(n)
+    b.g.output(None)
+    body = GraphModule(gm, b.g, class_name="TileBody")
+    approx_nodes = [n for n in gm.graph.nodes if n in in_region or n in absorbed]
+    approx = GraphModule(gm, _approx_graph(approx_nodes, outputs, placeholders),
+                         class_name="RegionGraph")
+
+    spec = RegionSpec(
+        nsp=nsp,
+        inputs=tuple(p.name for p in spatial_inputs),
+        nodes=tuple(RegionNode(n.name, facts(n).rule, n.format_node()) for n in region),
+        outputs=tuple(o.name for o in outputs),
+        grid=tuple(int(t) for t in grid),
+    )
+    _check_grid(spec, outputs, spatial_inputs)
+    module = TiledRegion(body, spec, tuple(placeholders.index(p) for p in spatial_inputs),
+                         approx_body=approx, halo=halo)
+
+    existing = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    k = 0
+    while name is None or name in existing:
+        name, k = f"tiled_region_{k}", k + 1
+
+    # The outer graph: the nodes outside the region, and one call in its place, ordered by a
+    # stable topological sort (the call after its inputs, before every reader of its outputs).
+    keep = [n for n in gm.graph.nodes if n not in in_region and n not in absorbed]
+    index = {n: i for i, n in enumerate(gm.graph.nodes)}
+    CALL = "__region__"
+    dag = nx.DiGraph()
+    dag.add_nodes_from(keep)
+    dag.add_node(CALL)
+    index[CALL] = index[region[0]]
+    for p in placeholders:
+        dag.add_edge(p, CALL)
+    for n in keep:
+        for u in n.all_input_nodes:
+            dag.add_edge(CALL if u in in_region else u, n)
+    g = Graph()
+    env: dict[Node, Node] = {}
+    for n in nx.lexicographical_topological_sort(dag, key=lambda v: index[v]):
+        if n is not CALL:
+            env[n] = g.node_copy(n, lambda u: env[u])
+            continue
+        call = g.create_node("call_module", name, tuple(env[p] for p in placeholders), {},
+                             name=name)
+        call.meta["tilefx"] = _made(name, "region_call")
+        for i, o in enumerate(outputs):
+            r = g.create_node("call_function", operator.getitem, (call, i), {}, name=o.name)
+            r.meta = {k2: v for k2, v in o.meta.items() if k2 in ("tensor_meta", "nn_module_stack")}
+            r.meta["tilefx"] = _made(o.name, "region_output", facts(o).sizes)
+            env[o] = r
+    root: dict[str, Any] = {name: module}
+    for n in g.nodes:
+        if n.op in ("call_module", "get_attr") and n.target != name:
+            root[n.target] = attrgetter(n.target)(gm)
+    out = GraphModule(root, g, class_name=type(gm).__name__)
+    out.meta.update(gm.meta)
+    keep_calling_convention(out, gm)
+    out.graph.lint()
+    return out
+
+
+def _check_grid(spec: RegionSpec, outputs: list[Node], inputs: list[Node]) -> None:
+    """Refuse, at rewrite time, a grid finer than a region output at the traced shape."""
+    for o in outputs:
+        sizes = facts(o).sizes
+        if all(L >= t for L, t in zip(sizes, spec.grid)):
+            continue
+        fits = tuple(min(t, min(facts(u).sizes[a] for u in outputs)) for a, t in enumerate(spec.grid))
+        traced = {p.name: facts(p).sizes for p in inputs}
+        try:
+            minimum = f"; or an input of spatial extent at least {min_input_extent(spec, traced)}"
+        except Exception:  # pragma: no cover - the message without the minimum still helps
+            minimum = ""
+        raise TilingError(
+            f"the tile grid {spec.grid} is too fine: region output {o.format_node()} is only "
+            f"{sizes} at the example input's shape. Use at most {fits} tiles{minimum}"
+        )

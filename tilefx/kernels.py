@@ -1,0 +1,227 @@
+"""The runtime kernels a tile body calls: halo crops, tile writes, windowed resampling.
+
+Each kernel takes a tensor (a producer's window) and the tile's :class:`TileWindows`-like
+record, whose tables (frozen :class:`Slice` / :class:`Gather` records, computed per input shape
+by ``tilefx.tiling.schedule``) say exactly which rows to read and where to pad. Kernels read
+those tables with plain Python, so the rewrite keeps every call to one of them as a single
+opaque fx node (see :data:`LEAF_FUNCTIONS`).
+
+Nothing here knows about graphs, rules or plans: this is the bottom layer with ``windows``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .errors import TilingError
+
+__all__ = ["Slice", "Gather", "halo_crop", "place", "write_tile", "window_interpolate",
+           "window_avg_pool", "window_view", "add_channel_bias", "LEAF_FUNCTIONS"]
+
+
+@dataclass(frozen=True)
+class Slice:
+    """Read ``[start, stop)`` of the producer's window on one axis, then pad ``pad_lo`` /
+    ``pad_hi`` rows (the read leaves the feature map there) with the consumer's pad value."""
+
+    start: int
+    stop: int
+    pad_lo: int = 0
+    pad_hi: int = 0
+
+
+@dataclass(frozen=True)
+class Gather:
+    """Read these rows of the producer's window on one axis (a reflect or replicate read)."""
+
+    indices: tuple[int, ...]
+
+
+CropTable = tuple[Slice | Gather, ...]
+
+
+def _index(x: torch.Tensor, idx: tuple[int, ...]) -> torch.Tensor:
+    return torch.tensor(idx, dtype=torch.long, device=x.device)
+
+
+def _crop(x: torch.Tensor, table: CropTable, value: float = 0.0) -> torch.Tensor:
+    base = x.dim() - len(table)
+    pads = []
+    for ax, spec in enumerate(table):
+        dim = base + ax
+        if isinstance(spec, Gather):
+            x = x.index_select(dim, _index(x, spec.indices))
+            pads.append((0, 0))
+            continue
+        if spec.start != 0 or spec.stop != x.shape[dim]:
+            x = x.narrow(dim, spec.start, spec.stop - spec.start)
+        pads.append((spec.pad_lo, spec.pad_hi))
+    if any(p for pair in pads for p in pair):
+        flat = [v for pair in reversed(pads) for v in pair]
+        return F.pad(x, flat, mode="constant", value=value)
+    # oneDNN convolves a strided view through a slow path (a 1x1 convolution of a narrowed
+    # window ran ~100x slower than of its contiguous copy); the copy costs a crop's bytes.
+    # The copy keeps the producer's layout, so a channels_last network stays channels_last.
+    fmt = memory_format(x)
+    if not x.is_contiguous(memory_format=fmt):
+        x = x.contiguous(memory_format=fmt)
+    return x
+
+
+def halo_crop(x: torch.Tensor, tile: Any, consumer: str, producer: str,
+              value: float = 0.0) -> torch.Tensor:
+    """Crop ``x`` (``producer``'s window) to what ``consumer`` reads, padding off the map with
+    ``value`` (the consumer's pad: zeros for a convolution, -inf for max pooling)."""
+    return _crop(x, tile.crops[(consumer, producer)], value)
+
+
+def place(y: torch.Tensor, tile: Any, name: str) -> torch.Tensor:
+    """Cut node ``name``'s own window out of what its op produced (a transposed convolution
+    or pixel shuffle produces more rows than the window, or fewer at the map's edge)."""
+    return _crop(y, tile.extra[name])
+
+
+def write_tile(buffers: dict, tile: Any, name: str, value: torch.Tensor) -> None:
+    """Copy this tile's piece of region output ``name`` into its full-size buffer."""
+    piece = tile.pieces[name]
+    part = _crop_view(value, piece.table)
+    buf = buffers.get(name)
+    if buf is None:
+        shape = tuple(value.shape[: value.dim() - len(piece.full)]) + tuple(piece.full)
+        buf = buffers[name] = torch.empty(shape, dtype=value.dtype, device=value.device,
+                                          memory_format=memory_format(value))
+    dst = buf
+    base = buf.dim() - len(piece.full)
+    for ax, (lo, hi) in enumerate(piece.window):
+        dst = dst.narrow(base + ax, lo, hi - lo)
+    dst.copy_(part)
+
+
+def _crop_view(x: torch.Tensor, table: CropTable) -> torch.Tensor:
+    base = x.dim() - len(table)
+    for ax, s in enumerate(table):
+        x = x.narrow(base + ax, s.start, s.stop - s.start)
+    return x
+
+
+def memory_format(t: torch.Tensor) -> torch.memory_format:
+    """channels_last(_3d) when ``t``'s channels are its innermost axis, else contiguous.
+
+    Read from the strides, not from ``is_contiguous(channels_last)``: a halo window narrowed
+    out of a channels_last map is contiguous in neither format, yet its channels are still
+    innermost. A tensor contiguous in both (a 1x1 window) is NCHW: calling it channels_last
+    made a region's output buffers channels_last and sent the rest of an NCHW network down
+    oneDNN's channels_last path (ResNet-50@224 on a 7x7 grid: 9.7 -> 18.9 MiB peak).
+    """
+    if t.is_contiguous():
+        return torch.contiguous_format
+    if t.dim() in (4, 5) and t.shape[1] > 1 and t.stride(1) == 1:
+        return torch.channels_last if t.dim() == 4 else torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def window_interpolate(x: torch.Tensor, tile: Any, name: str) -> torch.Tensor:
+    """Interpolate a window: gather source rows by their global coordinates, then blend.
+
+    Source indices and weights were computed from the global input and output extents (see
+    ``windows.Interp.source``), so a tile's output equals the same window of the full output.
+    """
+    table = tile.extra[name]
+    base = x.dim() - len(table)
+    for ax, entry in enumerate(table):
+        dim = base + ax
+        if entry[0] == "aten":
+            x = x.index_select(dim, _aten_nearest(x, len(table), ax, *entry[1:]))
+            continue
+        linear, i0, i1, lam = entry
+        a = x.index_select(dim, _index(x, i0))
+        if linear:
+            b = x.index_select(dim, _index(x, i1))
+            shape = [1] * x.dim()
+            shape[dim] = -1
+            w1 = torch.tensor(lam, dtype=x.dtype, device=x.device).view(shape)
+            a = a * (1 - w1) + b * w1
+        x = a
+    return x
+
+
+_NEAREST_CACHE: dict[tuple, tuple[int, ...]] = {}
+
+
+def _aten_nearest(x: torch.Tensor, nsp: int, axis: int, mode: str, scale: float | None,
+                  n_in: int, n_out: int, a: int, b: int, t0: int, t1: int) -> torch.Tensor:
+    """Local indices of the rows output ``[a, b)`` reads, as ATen itself picks them.
+
+    ATen's nearest index depends on the kernel (rank, dtype, device: it rounds in float32 and
+    has shortcuts), so the indices come from interpolating an index ramp with the same rank,
+    scale or size, dtype and device, once per key. Reduced-precision ramps are not exact, and
+    those kernels compute indices in float32, so they take a float32 ramp.
+    """
+    dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    key = (mode, scale, n_in, n_out, nsp, axis, dtype, x.device)
+    full = _NEAREST_CACHE.get(key)
+    if full is None:
+        shape = [1] * nsp
+        shape[axis] = n_in
+        ramp = torch.arange(n_in, dtype=dtype, device=x.device).view(1, 1, *shape)
+        if scale is not None:
+            sf = [1.0] * nsp
+            sf[axis] = scale
+            y = F.interpolate(ramp, scale_factor=sf, mode=mode)
+        else:
+            size = [1] * nsp
+            size[axis] = n_out
+            y = F.interpolate(ramp, size=size, mode=mode)
+        full = _NEAREST_CACHE[key] = tuple(int(v) for v in y.reshape(-1).tolist())
+    idx = full[a:b]
+    if any(not t0 <= i < t1 for i in idx):  # in_window is too narrow: never read a wrong row
+        raise TilingError(
+            f"nearest interpolation reads rows {min(idx)}..{max(idx)} outside the tile's window "
+            f"[{t0}, {t1}) (axis {axis}, {n_in} -> {n_out}); please report this as a tilefx bug"
+        )
+    return torch.tensor([i - t0 for i in idx], dtype=torch.long, device=x.device)
+
+
+_AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
+
+
+def window_avg_pool(x: torch.Tensor, tile: Any, name: str, kernel_size: tuple,
+                    stride: tuple, divisor_override: int | None) -> torch.Tensor:
+    """Average pooling of a zero-padded window, with PyTorch's divisor at the map's edges."""
+    fn = _AVG_POOL[len(kernel_size)]
+    mask = tile.extra.get(name)
+    y = fn(x, kernel_size, stride, 0)
+    if divisor_override:
+        return y * (math.prod(kernel_size) / divisor_override)
+    if mask is None:
+        return y
+    m = torch.ones((), dtype=x.dtype, device=x.device)
+    for axis in mask:
+        m = m.unsqueeze(-1) * torch.tensor(axis, dtype=x.dtype, device=x.device)
+    m = m.reshape((1,) * (x.dim() - len(mask)) + m.shape)
+    return y / fn(m, kernel_size, stride, 0)
+
+
+def window_view(x: torch.Tensor, channel_shape: tuple[int, ...], nsp: int) -> torch.Tensor:
+    """Regroup the channel axes of a window, keeping its batch and spatial axes."""
+    return x.reshape(x.shape[0], *channel_shape, *x.shape[x.dim() - nsp:])
+
+
+def add_channel_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if bias is None:
+        return y
+    return y + bias.view(1, -1, *([1] * (y.dim() - 2)))
+
+
+# The kernels a tile body calls. They read ``tile`` tables with plain Python (len, loops), so
+# fx must keep each call as one opaque node: the rewrite marks those nodes
+# ``meta["is_wrapped"]``, what ``torch.fx.wrap`` marks on the nodes it traces. The body's code
+# then starts with ``wrap("<kernel>")`` lines, so when ``torch.load`` (GraphModule.__reduce__)
+# re-traces that code, the kernels stay leaves instead of being traced into.
+LEAF_FUNCTIONS = (halo_crop, place, write_tile, window_interpolate, window_avg_pool, window_view,
+                  add_channel_bias)
