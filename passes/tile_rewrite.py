@@ -115,11 +115,9 @@ def tile_rewrite(gm: GraphModule, merge: Any, tiles: int | Iterable[int], halo: 
     ``gm`` must have been annotated by ``receptive_field.annotate``. ``tiles`` is the tile
     grid (an int for every spatial axis, or one count per axis).
 
-    >>> import torch, torchvision
-    >>> from tilefx.trace import trace
-    >>> from tilefx.passes.receptive_field import annotate
+    >>> import torch, torchvision, tilefx
     >>> m = torchvision.models.resnet18().eval(); x = torch.randn(1, 3, 128, 128)
-    >>> gm = annotate(trace(m, x), x)
+    >>> gm = tilefx.prepare(m, x)
     >>> tiled = tile_rewrite(gm, "layer2", tiles=2)
     >>> torch.testing.assert_close(tiled(x), m(x))
     """
@@ -196,6 +194,11 @@ def tile_rewrite(gm: GraphModule, merge: Any, tiles: int | Iterable[int], halo: 
             r.meta = {k2: v for k2, v in o.meta.items() if k2 in ("tensor_meta", "nn_module_stack")}
             r.meta["tilefx"] = _made(o.name, "region_output", facts(o).sizes)
             env[o] = r
+    # Parameters only the region read are now read by its body alone (a get_attr is pure, so
+    # dropping it is safe; nothing else is removed, see fold_channels_last on dead code).
+    for n in list(g.nodes):
+        if n.op == "get_attr" and not n.users:
+            g.erase_node(n)
     root: dict[str, Any] = {name: module}
     for n in g.nodes:
         if n.op in ("call_module", "get_attr") and n.target != name:

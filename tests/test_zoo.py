@@ -20,11 +20,9 @@ from torchvision import models
 
 import tilefx
 from tilefx import TilingError
-from tilefx.passes.channels_last import fold_channels_last
-from tilefx.passes.receptive_field import annotate, facts
-from tilefx.passes.tile_rewrite import find_region
+from tilefx.passes.receptive_field import facts
+from tilefx.passes.regions import find_region
 from tilefx.region import TiledRegion
-from tilefx.trace import trace
 
 CLASSIFICATION = models.list_models(module=models)
 SEGMENTATION = models.list_models(module=models.segmentation)
@@ -102,8 +100,7 @@ def check_model(name: str) -> None:
     x = example(name)
     grid = (2,) * (x.dim() - 2)
     try:
-        # as transform() prepares it: leaves where runs fail, channels-last blocks folded
-        gm0 = annotate(fold_channels_last(trace(model, x)), x)
+        gm0 = tilefx.prepare(model, x)
         merge, size = pick_merge(gm0, grid)
         gm = tilefx.transform(model, x, merge=merge, tiles=grid)
     except TilingError as e:

@@ -13,8 +13,9 @@ from torch.utils._pytree import tree_flatten
 
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from . import planner
-from .capture import Inputs, as_inputs, capture, keep_calling_convention, module_path
+from . import parts, planner
+from .capture import (Inputs, NotCaptured, as_inputs, capture, keep_calling_convention,
+                      module_path, outputs_match)
 from .errors import TilingError
 from .passes.channels_last import fold_channels_last
 from .passes.receptive_field import annotate, facts
@@ -113,7 +114,13 @@ def transform(model: torch.nn.Module, example_inputs: Any = None,
     True
     """
     inputs = _inputs(model, example_inputs, example_kwargs)
-    gm = prepare(model, inputs)
+    try:
+        gm = prepare(model, inputs)
+    except NotCaptured as e:
+        if merge is not None or tiles is not None or plan is not None:
+            raise  # a user-fixed merge, grid or plan names the whole model's graph
+        return _transform_parts(model, inputs, e, halo=halo, memory_budget=memory_budget,
+                                max_overhead=max_overhead)
     if plan is None:
         plan = _choose(gm, inputs, merge, tiles, memory_budget, max_overhead)
     elif not isinstance(plan, planner.Plan):
@@ -127,6 +134,45 @@ def transform(model: torch.nn.Module, example_inputs: Any = None,
     out.meta["tilefx_plan"] = plan
     out.meta["tilefx_example_shape"] = tuple(inputs.spatial.shape)
     return out
+
+
+def _transform_parts(model: torch.nn.Module, inputs: Inputs, err: NotCaptured,
+                     **options: Any) -> GraphModule:
+    """Transform each child of a model that cannot be captured whole (``tilefx.parts``)."""
+    sp = parts.split(model, inputs)
+    if sp is None:
+        raise err
+    glue = sp.glue
+    report: dict[str, str] = {}
+    for name in [n.target for n in glue.graph.nodes if n.op == "call_module"]:
+        child_inputs = sp.calls.get(name)
+        if child_inputs is None:
+            report[name] = "left as it is: called more than once, or not on an image"
+            continue
+        child = glue.get_submodule(name)
+        try:
+            tiled = transform(child, child_inputs, **options)
+        except TilingError as e:
+            report[name] = f"left as it is: {str(e).splitlines()[0][:200]}"
+            continue
+        glue.add_submodule(name, tiled)  # the glue's own module tree; the model is untouched
+        sub = tiled.meta.get("tilefx_parts")
+        report[name] = "tiled" if any(True for _ in _regions_of(tiled)) else "captured, untiled"
+        if sub:
+            report.update({f"{name}.{k}": v for k, v in sub.items()})
+    glue.meta["tilefx_parts"] = report
+    glue.meta["tilefx_parts_reason"] = str(err).splitlines()[0]
+    glue.meta["tilefx_example_shape"] = tuple(inputs.spatial.shape)
+    want = _run(model, inputs)
+    if not outputs_match(want, _run(glue, inputs)):  # pragma: no cover - each part is checked
+        raise TilingError(f"the parts of {type(model).__name__} transformed one by one compute "
+                          "something else than the model; please report this") from err
+    return glue
+
+
+def _run(m: torch.nn.Module, inputs: Inputs) -> Any:
+    with torch.no_grad():
+        return m(*inputs.args, **inputs.kwargs)
 
 
 def tile_rewrite_copy(gm: GraphModule) -> GraphModule:
@@ -248,6 +294,9 @@ def explain(gm: GraphModule, file: TextIO | None = sys.stdout) -> str:
     """
     lines = []
     shape = gm.meta.get("tilefx_example_shape")
+    if "tilefx_parts" in gm.meta:
+        lines.append(f"captured in parts ({gm.meta['tilefx_parts_reason'][:160]}):")
+        lines.extend(f"  {k}: {v}" for k, v in gm.meta["tilefx_parts"].items())
     regions = _regions_of(gm)
     if not regions:
         lines.append("untiled: no region lowered the predicted peak (the model runs as captured)")

@@ -16,8 +16,10 @@ graph is checked against eager on the example input before anything uses it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
+import logging
 import math
 import re
 import traceback
@@ -32,7 +34,7 @@ from torch.utils import _pytree as pytree
 from .errors import TilingError
 
 __all__ = ["capture", "Inputs", "as_inputs", "InputGuards", "check_eval_mode", "module_path",
-           "outputs_match", "keep_calling_convention"]
+           "outputs_match", "keep_calling_convention", "NotCaptured"]
 
 _TRAIN_SENSITIVE = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.dropout._DropoutNd)
 
@@ -224,15 +226,20 @@ def _guard_checks(gm: GraphModule, ep: Any, names: list[str], inputs: Inputs) ->
 
 
 def _dynamic_shapes(model: torch.nn.Module, inputs: Inputs, batch: bool) -> Any:
-    """``Dim.AUTO`` on the spatial dims of every image-like input (and on its batch dim with
-    ``batch``), as export wants them."""
-    nsp = inputs.spatial.dim() - 2
-    first = 0 if batch else 2
+    """``Dim.AUTO`` on the spatial dims of every image-like input and, with ``batch``, on the
+    batch dim of every tensor input of the image's batch size, as export wants them."""
+    x = inputs.spatial
+    nsp = x.dim() - 2
 
     def spec(v: Any) -> Any:
-        if isinstance(v, torch.Tensor):
-            return {d: Dim.AUTO for d in range(first, v.dim())} if v.dim() == nsp + 2 else None
-        return pytree.tree_map(lambda _: None, v)
+        if not isinstance(v, torch.Tensor):
+            return pytree.tree_map(lambda _: None, v)
+        dims = {}
+        if batch and v.dim() >= 1 and v.shape[0] == x.shape[0]:
+            dims[0] = Dim.AUTO
+        if v.dim() == nsp + 2:
+            dims.update({d: Dim.AUTO for d in range(2, v.dim())})
+        return dims or None
 
     if not inputs.kwargs:
         return tuple(spec(a) for a in inputs.args)
@@ -241,12 +248,15 @@ def _dynamic_shapes(model: torch.nn.Module, inputs: Inputs, batch: bool) -> Any:
 
 
 def _batch_of_two(inputs: Inputs) -> Inputs:
-    """``inputs`` with every image-like input of batch 1 doubled: export specialises a dim of
-    size 1, so a batch-1 example alone would fix the batch size."""
-    nsp = inputs.spatial.dim() - 2
+    """``inputs`` with a batch of two where the image's batch is one (every tensor input with
+    that batch size doubled): export specialises a dim of size 1, so a batch-1 example alone
+    would fix the batch size. A model whose inputs are not batched that way fails this
+    capture, and is captured with its batch fixed."""
+    if inputs.spatial.shape[0] != 1:
+        return inputs
 
     def two(t: Any) -> Any:
-        if isinstance(t, torch.Tensor) and t.dim() == nsp + 2 and t.shape[0] == 1:
+        if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == 1:
             return t.expand(2, *t.shape[1:]).clone()
         return t
 
@@ -269,9 +279,27 @@ _DATA_DEPENDENT = re.compile(r"data.dependent|GuardOnDataDependent|Could not gua
                              r"data dependent", re.I)
 
 
+@contextlib.contextmanager
+def _quiet_export():
+    """Export logs every failed attempt (with a dump of the partial graph) as a warning; the
+    attempts that fail here are expected, and a refusal says what went wrong."""
+    lg = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    level = lg.level
+    lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        lg.setLevel(level)
+
+
 def _export(model: torch.nn.Module, inputs: Inputs) -> tuple[Any, bool]:
     """(ExportedProgram, dynamic): with dynamic batch and spatial dims where the model allows
     it, then dynamic spatial dims only, then at the example's shapes."""
+    with _quiet_export():
+        return _export_attempts(model, inputs)
+
+
+def _export_attempts(model: torch.nn.Module, inputs: Inputs) -> tuple[Any, bool]:
     attempts = [(_batch_of_two(inputs), True), (inputs, False)]
     first: BaseException | None = None
     for example, batch in attempts:
@@ -292,19 +320,24 @@ def _export(model: torch.nn.Module, inputs: Inputs) -> tuple[Any, bool]:
         raise _refusal(model, e) from (first or e)
 
 
+class NotCaptured(TilingError):
+    """torch.export could not capture the model (a TilingError; the API may then capture its
+    children one by one, see ``tilefx.parts``)."""
+
+
 def _refusal(model: torch.nn.Module, e: BaseException) -> TilingError:
     line = _user_line(e)
     where = f" at {line}" if line else ""
     text = str(e).strip().splitlines()
     first = text[0][:300] if text else ""
     if _DATA_DEPENDENT.search(f"{type(e).__name__}: {e}"):
-        return TilingError(
+        return NotCaptured(
             f"{type(model).__name__} has control flow that depends on tensor values{where} "
             f"({type(e).__name__}: {first}). tilefx captures with torch.export and never "
             "specialises a graph to the example's branch: rewrite that line with torch.where or "
             "torch.cond, or transform the submodules before and after it separately"
         )
-    return TilingError(
+    return NotCaptured(
         f"torch.export cannot capture {type(model).__name__}{where}: {type(e).__name__}: "
         f"{first}. tilefx needs a model torch.export.export(model, args, strict=False) captures"
     )
@@ -384,6 +417,12 @@ def _plain(gm: GraphModule, ep: Any, inputs: Inputs, dynamic: bool) -> GraphModu
     pickled) becomes :class:`InputGuards`; the pytree calling convention stays."""
     names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     checks, complete = _guard_checks(gm, ep, names, inputs)
+    nsp = inputs.spatial.dim() - 2
+    vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    # Export may specialise an "automatic" dim (a size written into the model): dynamic means
+    # some spatial dim of an image input stayed symbolic.
+    dynamic = dynamic and any(_symbolic(d) for v in vals if isinstance(v, torch.Tensor)
+                              and v.dim() == nsp + 2 for d in v.shape[2:])
     shapes = inputs.describe()
     if dynamic and not complete:
         # Some guard could not be written down: hold the capture to the example's shapes
@@ -417,6 +456,10 @@ def _plain(gm: GraphModule, ep: Any, inputs: Inputs, dynamic: bool) -> GraphModu
     out.graph.lint()
     out.recompile()
     return out
+
+
+def _symbolic(d: Any) -> bool:
+    return isinstance(d, torch.SymInt) and not getattr(d.node.expr, "is_number", False)
 
 
 def keep_calling_convention(dst: GraphModule, src: GraphModule) -> GraphModule:
