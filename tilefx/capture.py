@@ -300,7 +300,7 @@ def _export(model: torch.nn.Module, inputs: Inputs) -> tuple[Any, bool]:
 
 
 def _export_attempts(model: torch.nn.Module, inputs: Inputs) -> tuple[Any, bool]:
-    attempts = [(_batch_of_two(inputs), True), (inputs, False)]
+    attempts = [(_batch_of_two(inputs), True), (_fresh(inputs), False)]
     first: BaseException | None = None
     for example, batch in attempts:
         try:
@@ -315,9 +315,18 @@ def _export_attempts(model: torch.nn.Module, inputs: Inputs) -> tuple[Any, bool]
             if _DATA_DEPENDENT.search(f"{type(e).__name__}: {e}"):
                 raise _refusal(model, e) from e
     try:
-        return torch.export.export(model, inputs.args, inputs.kwargs, strict=False), False
+        static = _fresh(inputs)
+        return torch.export.export(model, static.args, static.kwargs, strict=False), False
     except Exception as e:
         raise _refusal(model, e) from (first or e)
+
+
+def _fresh(inputs: Inputs) -> Inputs:
+    """New tensor objects on the same storage for every export attempt: export keeps facts
+    about a failed attempt's symbolic sizes with the input tensors themselves, and a second
+    attempt on the same objects (AlexNet's adaptive pooling) then fails as the first did."""
+    return Inputs(*pytree.tree_map(
+        lambda t: t.detach() if isinstance(t, torch.Tensor) else t, (inputs.args, inputs.kwargs)))
 
 
 class NotCaptured(TilingError):

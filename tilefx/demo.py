@@ -44,7 +44,7 @@ def run(size: int = 512, model_name: str = "resnet50") -> int:
         stats = latency({"untiled": model, "tiled": gm}, x, repeats=3, warmup=1)
         ref, out = model(x), gm(x)
     diff = (ref - out).abs().max().item()
-    print("\n== measured on this machine (peak as DESIGN.md defines it) ==")
+    print("\n== measured on this machine (peak as docs/design.md defines it) ==")
     print(f"peak memory  untiled {base / 2**20:8.1f} MiB   tiled {tiled / 2**20:8.1f} MiB   "
           f"({base / max(tiled, 1):.1f}x lower)")
     u, t = stats["untiled"].median_s, stats["tiled"].median_s

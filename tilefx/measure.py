@@ -1,6 +1,6 @@
 """Measured peak activation memory and latency of a call.
 
-``peak_memory`` measures what DESIGN.md calls peak memory: the highest total of tensor bytes
+``peak_memory`` measures what docs/design.md calls peak memory: the highest total of tensor bytes
 alive at once during one call, counting from the start of the call. Tensors that are alive
 before the call (the weights, the caller's input) are not counted; tensors created during the
 call are, including the ones still alive at its end (the output).

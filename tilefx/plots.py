@@ -15,7 +15,9 @@ from typing import Any
 import torch
 from torch.fx import GraphModule
 
+from .api import prepare, transform
 from .errors import TilingError
+from .passes.memory import simulate
 from .region import TiledRegion
 from .tiling import read_window
 
@@ -144,8 +146,6 @@ def plot_memory(model: torch.nn.Module, x: torch.Tensor, tiled: torch.nn.Module 
     ['untiled', 'tiled']
     >>> fig.savefig("/tmp/tilefx_memory.png")
     """
-    from .api import prepare, transform
-    from .passes.memory import simulate
 
     fig, ax = _axes(ax, (10, 4.2))
     with torch.no_grad():

@@ -29,6 +29,7 @@ import torch
 from torch.fx import Node
 
 from . import kernels
+from .capture import InputGuards
 from .windows import IDENTITY, Affine, AxisMap, Interp, Transposed
 
 __all__ = ["PadSpec", "SpatialRule", "Barrier", "RuleContext", "OpEntry", "TABLE", "register",
@@ -125,9 +126,10 @@ class RuleContext:
                 out[a.name] = a.default_value if a.has_default_value() else None
         return out
 
-    def channel_dim(self, dim: Any, rank: int) -> bool:
-        """Whether ``dim`` is neither the batch axis nor a spatial axis."""
-        return isinstance(dim, int) and 0 < (dim % rank) < rank - self.nsp
+    def nonspatial_dim(self, dim: Any, rank: int) -> bool:
+        """Whether ``dim`` is not a spatial axis (the batch and channel axes: tiles never cut
+        them, so an op along them maps a window to itself)."""
+        return isinstance(dim, int) and 0 <= (dim % rank) < rank - self.nsp
 
     def rule(self, entry: "OpEntry", inputs: list, pad: PadSpec | None = None,
              **attrs: Any) -> SpatialRule:
@@ -292,8 +294,22 @@ class Cat(OpEntry):
     def rule(self, ctx: RuleContext) -> SpatialRule | Barrier:
         a = ctx.args()
         shape = ctx.shape(ctx.node)
-        if shape is None or not ctx.channel_dim(a["dim"], len(shape)):
-            return Barrier(f"concatenation along dim {a['dim']}, not a channel dim")
+        if shape is None or not ctx.nonspatial_dim(a["dim"], len(shape)):
+            return Barrier(f"concatenation along dim {a['dim']}, a spatial dim")
+        return pointwise_rule(ctx, self, [t for t in a["tensors"] if isinstance(t, Node)])
+
+
+@register(*_ops("stack"))
+class Stack(OpEntry):
+    """Stacking along a new axis before the spatial ones (an FPN's ``stack(...).sum(0)``)."""
+
+    kind = "pointwise"
+
+    def rule(self, ctx: RuleContext) -> SpatialRule | Barrier:
+        a = ctx.args()
+        shape = ctx.shape(ctx.node)
+        if shape is None or not ctx.nonspatial_dim(a["dim"], len(shape)):
+            return Barrier(f"stack along dim {a['dim']}, a spatial dim")
         return pointwise_rule(ctx, self, [t for t in a["tensors"] if isinstance(t, Node)])
 
 
@@ -307,8 +323,8 @@ class ChannelSplit(OpEntry):
         a = ctx.args()
         x = ctx.node.args[0]
         shape = ctx.shape(x)
-        if shape is None or not ctx.channel_dim(a.get("dim", 0), len(shape)):
-            return Barrier(f"{ctx.op} along dim {a.get('dim', 0)}, not a channel dim")
+        if shape is None or not ctx.nonspatial_dim(a.get("dim", 0), len(shape)):
+            return Barrier(f"{ctx.op} along dim {a.get('dim', 0)}, a spatial dim")
         if not _is_static(ctx.node.args[1:]):
             return Barrier(f"{ctx.op} with sizes computed at run time")
         if ctx.spatial(x) is None:
@@ -354,19 +370,17 @@ class ChannelSlice(OpEntry):
         dim = a.get("dim", 0)
         if not isinstance(dim, int):
             return Barrier(f"{ctx.op} along a dim computed at run time")
-        if ctx.channel_dim(dim, rank):
+        if ctx.nonspatial_dim(dim, rank):
             if not _is_static(ctx.node.args[1:]):
                 return Barrier(f"{ctx.op} with bounds computed at run time")
             return pointwise_rule(ctx, self, [x])
-        if ctx.node.target.overloadpacket is aten.slice and dim % rank >= rank - ctx.nsp:
+        if ctx.node.target.overloadpacket is aten.slice:
+            # A slice that keeps the whole axis at any extent (open end) is a copy.
             start, end, step = a.get("start"), a.get("end"), a.get("step", 1)
-            whole = (start in (None, 0) and step == 1
-                     and (end is None or (isinstance(end, int) and end >= shape[dim])))
-            if whole and ctx.out_spatial == ctx.spatial(x):
-                # A no-op slice keeps the whole axis at any extent only if its end is open.
-                if end is None or end >= 2**31:
-                    return pointwise_rule(ctx, self, [x])
-        return Barrier(f"{ctx.op} along dim {dim} may cut a spatial or batch axis")
+            if start in (None, 0) and step == 1 and (end is None or (
+                    isinstance(end, int) and end >= 2**31)):
+                return pointwise_rule(ctx, self, [x])
+        return Barrier(f"{ctx.op} along dim {dim} may cut a spatial axis")
 
 
 @register(*_ops("view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze",
@@ -415,7 +429,7 @@ class ChannelPermute(OpEntry):
             ok = perm[0] == 0 and perm[-nsp:] == list(range(rank - nsp, rank))
         else:
             dims = [a.get("dim0", a.get("source")), a.get("dim1", a.get("destination"))]
-            ok = all(ctx.channel_dim(d, rank) for d in dims)
+            ok = all(ctx.nonspatial_dim(d, rank) for d in dims)
         if not ok:
             return Barrier(f"{ctx.op} moves a spatial or batch axis")
         return ctx.rule(self, [(x.name, (IDENTITY,) * nsp)])
@@ -425,7 +439,7 @@ class ChannelPermute(OpEntry):
                 "softmax", "_softmax", "log_softmax", "_log_softmax", "logsumexp", "norm",
                 "linalg_vector_norm", "argmax", "argmin", "prod", "all", "any"))
 class Reduction(OpEntry):
-    """A reduction over channel axes only is per position (CBAM's ``x.mean(1)``, a softmax
+    """A reduction over non-spatial axes only is per position (CBAM's ``x.mean(1)``, a softmax
     over classes); over a spatial axis it is a statistic of the whole map."""
 
     kind = "pointwise"
@@ -439,9 +453,9 @@ class Reduction(OpEntry):
             return Barrier(f"{ctx.op} of a value that is not a spatial tensor")
         rank = len(shape)
         dims = list(range(rank)) if dims is None or dims == [] else _tup(dims, 1)
-        if isinstance(ctx.node.meta.get("tensor_meta"), (tuple, list)):
+        if not hasattr(ctx.node.meta.get("tensor_meta"), "shape"):
             return Barrier(f"{ctx.op} returns several values", reduction=ctx.op)
-        if all(ctx.channel_dim(d, rank) for d in dims) and ctx.out_spatial == ctx.spatial(x):
+        if all(ctx.nonspatial_dim(d, rank) for d in dims) and ctx.out_spatial == ctx.spatial(x):
             return ctx.rule(self, [(x.name, (IDENTITY,) * ctx.nsp)])
         return Barrier(f"{ctx.op} reduces over a spatial axis (a statistic of the whole map)",
                        reduction=str(ctx.node.target.overloadpacket.__name__))
@@ -786,6 +800,12 @@ class GlobalPool(OpEntry):
 class Attention(OpEntry):
     def rule(self, ctx: RuleContext) -> Barrier:
         return Barrier(f"{ctx.op} mixes positions (attention over the map)")
+
+
+@register(InputGuards)
+class Guards(OpEntry):
+    def rule(self, ctx: RuleContext) -> Barrier:
+        return Barrier("checks the input shapes against the capture's guards")
 
 
 # --------------------------------------------------------------------------- lookups

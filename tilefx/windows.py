@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .errors import TilingError
+
 __all__ = ["Affine", "Interp", "Transposed", "AxisMap", "IDENTITY"]
 
 
@@ -107,8 +109,6 @@ class Interp:
     def out_len(self, n: int) -> int:
         if self.size is not None:
             if self.traced_in is not None and n != self.traced_in:
-                from .errors import TilingError
-
                 raise TilingError(
                     f"an interpolation in the region has its output size {self.size} fixed at "
                     f"trace time for input length {self.traced_in}, and this input gives "
