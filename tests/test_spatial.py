@@ -1,8 +1,10 @@
-"""Unit tests of the spatial rule table and the per-axis window maps.
+"""Unit tests of the rule table (``tilefx.rules``, keyed by ATen op) and the per-axis window maps.
 
 Window maps are checked against PyTorch itself: output lengths against the real op, input
 windows by perturbation (changing inputs outside ``in_window`` never changes the output window;
-changing the inputs inside it does).
+changing the inputs inside it does). Rules and barriers are read off the graph
+``tilefx.prepare`` captures with ``torch.export``: an ATen graph whose nodes are found here by
+ATen op packet or by the module path in their ``nn_module_stack``, not by their names.
 """
 
 from __future__ import annotations
@@ -13,16 +15,39 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.fx import GraphModule, Node
 
-from tilefx.passes.receptive_field import annotate, facts
-from tilefx.spatial import ZEROS, NEG_INF, Barrier, SpatialRule, _conv_geometry
-from tilefx.trace import trace
+import tilefx
+import tilefx.rules
+from tilefx import TilingError
+from tilefx.capture import capture, module_path
+from tilefx.passes.receptive_field import facts
+from tilefx.rules import NEG_INF, ZEROS, Barrier, Pointwise, SpatialRule, _conv_maps
 from tilefx.windows import IDENTITY, Affine, Interp, Transposed
 
+aten = torch.ops.aten
 
-def _facts(model: nn.Module, x: torch.Tensor) -> dict:
-    gm = annotate(trace(model.eval()), x)
-    return {n.name: facts(n) for n in gm.graph.nodes}
+
+def _prepare(model: nn.Module, x: torch.Tensor) -> GraphModule:
+    """The captured, annotated ATen graph of ``model`` (in eval mode) at ``x``."""
+    return tilefx.prepare(model.eval(), x)
+
+
+def _ops(gm: GraphModule, packet) -> list[Node]:
+    """The nodes calling ATen op ``packet`` (any overload), in graph order."""
+    return [n for n in gm.graph.nodes
+            if n.op == "call_function" and getattr(n.target, "overloadpacket", None) is packet]
+
+
+def _op(gm: GraphModule, packet) -> Node:
+    """The one node calling ATen op ``packet``."""
+    (n,) = _ops(gm, packet)
+    return n
+
+
+def _in_module(gm: GraphModule, path: str) -> list[Node]:
+    """The call_function nodes module ``path`` created (its ``nn_module_stack``), in graph order."""
+    return [n for n in gm.graph.nodes if n.op == "call_function" and path in module_path(n)]
 
 
 # --------------------------------------------------------------------------- Affine.out_len
@@ -51,7 +76,7 @@ def test_affine_out_len_matches_conv_and_pool():
 @pytest.mark.parametrize("k,d", [(1, 1), (2, 1), (3, 1), (4, 1), (4, 2), (5, 3), (2, 3)])
 def test_same_padding_geometry(k, d):
     """padding='same' (even kernels pad more on the right, like PyTorch)."""
-    (m,) = _conv_geometry(k, 1, "same", d, None, 1)
+    (m,) = _conv_maps(k, 1, "same", d, 1)
     x = torch.randn(1, 1, 11, dtype=torch.float64)
     w = torch.randn(1, 1, k, dtype=torch.float64)
     y = F.conv1d(x, w, padding="same", dilation=d)
@@ -61,8 +86,8 @@ def test_same_padding_geometry(k, d):
 
 
 def test_valid_and_tuple_padding_geometry():
-    assert _conv_geometry(3, 1, "valid", 1, None, 2) == (Affine(3), Affine(3))
-    assert _conv_geometry((3, 5), (1, 2), (1, 2), (1, 2), None, 2) == (
+    assert _conv_maps(3, 1, "valid", 1, 2) == (Affine(3), Affine(3))
+    assert _conv_maps((3, 5), (1, 2), (1, 2), (1, 2), 2) == (
         Affine(3, 1, 1, 1, 1), Affine(5, 2, 2, 2, 2))
 
 
@@ -191,11 +216,18 @@ def test_rule_pad_semantics():
     model = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.MaxPool2d(3, 2, 1), nn.AvgPool2d(2),
                           nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"),
                           nn.ReflectionPad2d(1), nn.ReplicationPad2d(1), nn.ConstantPad2d(1, 3.0))
-    f = _facts(model, torch.randn(1, 2, 16, 16))
-    pads = [f[f"_{i}"].rule.pad for i in range(7)]
+    gm = _prepare(model, torch.randn(1, 2, 16, 16))
+    # Each module's first node is the one that reads outside the map: its op, or, for the
+    # reflect-padded conv, the aten.pad that torch.export puts before a conv with no padding.
+    first = [_in_module(gm, str(i))[0] for i in range(7)]
+    assert first[3].target.overloadpacket is aten.pad
+    pads = [facts(n).rule.pad for n in first]
     assert pads[0] == ZEROS and pads[1] == NEG_INF and pads[2] == ZEROS
     assert [p.mode for p in pads[3:6]] == ["reflect", "reflect", "replicate"]
     assert pads[6].mode == "constant" and pads[6].value == 3.0
+    pad, conv = _in_module(gm, "3")
+    assert conv.target.overloadpacket is aten.conv2d
+    assert facts(conv).rule.inputs == ((pad.name, (Affine(3), Affine(3))),)  # reads no padding
 
 
 def test_pointwise_broadcast_operands_pass_through():
@@ -207,9 +239,9 @@ def test_pointwise_broadcast_operands_pass_through():
         def forward(self, x):
             return x * self.w + 2.0
 
-    f = _facts(M(), torch.randn(1, 3, 8, 8))
-    assert isinstance(f["mul"].rule, SpatialRule)
-    assert [n for n, _ in f["mul"].rule.inputs] == ["x"]  # the weight is not cropped
+    mul = _op(_prepare(M(), torch.randn(1, 3, 8, 8)), aten.mul)
+    assert isinstance(facts(mul).rule, SpatialRule)
+    assert [n for n, _ in facts(mul).rule.inputs] == ["x"]  # the weight is not cropped
 
 
 def test_pointwise_spatial_broadcast_is_barrier():
@@ -217,9 +249,11 @@ def test_pointwise_spatial_broadcast_is_barrier():
         def forward(self, x):
             return x + x[:, :, :1, :]  # broadcasts along a spatial axis
 
-    f = _facts(M(), torch.randn(1, 3, 8, 8))
-    assert "broadcasts along a spatial axis" in f["add"].reason
-    assert f["getitem"].reason is not None
+    gm = _prepare(M(), torch.randn(1, 3, 8, 8))
+    assert "broadcasts along a spatial axis" in facts(_op(gm, aten.add)).reason
+    # x[:, :, :1, :] is one aten.slice per dim; the one along dim 2 cuts the axis.
+    (cut,) = [n for n in _ops(gm, aten.slice) if n.args[1] == 2]
+    assert "may cut a spatial axis" in facts(cut).reason
 
 
 # --------------------------------------------------------------------------- barriers
@@ -235,86 +269,116 @@ class _Wrap(nn.Module):
         return self.fn(self.conv(x))
 
 
-@pytest.mark.parametrize("fn,node,reason", [
-    (lambda y: torch.cumsum(y, dim=-1), "cumsum", "not in tilefx's table"),
-    (lambda y: torch.flip(y, dims=[-1]), "flip", "not in tilefx's table"),
-    (lambda y: F.adaptive_avg_pool2d(y, 2), "adaptive_avg_pool2d", "global or adaptive"),
-    (lambda y: y.mean(dim=(2, 3), keepdim=True), "mean", "global or adaptive"),
-    (lambda y: F.pad(y, (1, 1, 1, 1), mode="circular"), "pad", "circular"),
-    (lambda y: F.interpolate(y, scale_factor=2, mode="bicubic"), "interpolate", "bicubic"),
-    (lambda y: y.flatten(1), "flatten", "merges or splits spatial axes"),
-    (lambda y: y.transpose(2, 3), "transpose", "moves a spatial"),
-    (lambda y: torch.cat([y, y], dim=2), "cat", "not a channel dim"),
-    (lambda y: F.dropout(y, 0.5, True), "dropout", "training mode"),
-    (lambda y: F.batch_norm(y, None, None, training=True), "batch_norm", "batch statistics"),
+@pytest.mark.parametrize("fn,op,reason", [
+    pytest.param(lambda y: torch.cumsum(y, dim=-1), aten.cumsum, "not in tilefx's table",
+                 id="cumsum"),
+    pytest.param(lambda y: torch.flip(y, dims=[-1]), aten.flip, "not in tilefx's table",
+                 id="flip"),
+    pytest.param(lambda y: F.adaptive_avg_pool2d(y, 2), aten.adaptive_avg_pool2d,
+                 "global or adaptive", id="adaptive_avg_pool2d"),
+    pytest.param(lambda y: y.mean(dim=(2, 3), keepdim=True), aten.mean,
+                 "reduces over a spatial axis", id="mean"),
+    pytest.param(lambda y: F.pad(y, (1, 1, 1, 1), mode="circular"), aten.pad, "circular",
+                 id="pad-circular"),
+    # bicubic is its own ATen op, which the table does not hold
+    pytest.param(lambda y: F.interpolate(y, scale_factor=2, mode="bicubic"),
+                 aten.upsample_bicubic2d, "not in tilefx's table", id="bicubic"),
+    pytest.param(lambda y: y.flatten(1), aten.flatten, "merges or splits spatial axes",
+                 id="flatten"),
+    pytest.param(lambda y: y.transpose(2, 3), aten.transpose, "moves a spatial", id="transpose"),
+    pytest.param(lambda y: torch.cat([y, y], dim=2), aten.cat, "along dim 2, a spatial dim",
+                 id="cat"),
+    pytest.param(lambda y: F.batch_norm(y, None, None, training=True), aten.batch_norm,
+                 "batch statistics", id="batch_norm"),
 ])
-def test_barrier_reasons_functional(fn, node, reason):
-    f = _facts(_Wrap(fn), torch.randn(1, 3, 8, 8))
-    assert isinstance(f["conv"].rule, SpatialRule)
-    assert isinstance(f[node].rule, Barrier)
-    assert reason in f[node].reason, f[node].reason
+def test_barrier_reasons_functional(fn, op, reason):
+    gm = _prepare(_Wrap(fn), torch.randn(1, 3, 8, 8))
+    assert isinstance(facts(_op(gm, aten.conv2d)).rule, SpatialRule)
+    f = facts(_op(gm, op))
+    assert isinstance(f.rule, Barrier)
+    assert reason in f.reason, f.reason
 
 
-@pytest.mark.parametrize("module,reason", [
-    (nn.AdaptiveAvgPool2d(1), "global or adaptive"),
-    (nn.AdaptiveMaxPool2d((2, 3)), "global or adaptive"),
-    (nn.GroupNorm(2, 4), "statistics that span space"),
-    (nn.InstanceNorm2d(4), "statistics that span space"),
-    (nn.LocalResponseNorm(2), "statistics that span space"),
-    (nn.CircularPad2d(1), "circular"),
-    (nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular"), "circular"),
-    (nn.MaxPool2d(2, return_indices=True), "return_indices"),
-    (nn.ConvTranspose2d(4, 4, 3, padding_mode="zeros"), None),
-    (nn.Upsample(scale_factor=2, mode="bicubic"), "bicubic"),
-    (nn.Flatten(), "not in tilefx's table"),
-    (nn.Linear(8, 8), "not in tilefx's table"),
-    (nn.Softmax(dim=-1), "not in tilefx's table"),
-])
-def test_barrier_reasons_modules(module, reason):
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), module)
-    f = _facts(model, torch.randn(1, 3, 8, 8))
+def test_functional_dropout_in_training_is_refused_by_capture():
+    """Changed by design: ``F.dropout(y, 0.5, True)`` makes even an eval model's outputs random,
+    so the capture's check against eager refuses the model before any rule sees the dropout
+    (it was a barrier when tilefx traced with symbolic_trace)."""
+    with pytest.raises(TilingError, match="computes something else than the model"):
+        capture(_Wrap(lambda y: F.dropout(y, 0.5, True)).eval(), torch.randn(1, 3, 8, 8))
+
+
+@pytest.mark.parametrize("module,op,reason", [
+    (nn.AdaptiveAvgPool2d(1), aten.adaptive_avg_pool2d, "global or adaptive"),
+    (nn.AdaptiveMaxPool2d((2, 3)), aten.adaptive_max_pool2d, "global or adaptive"),
+    (nn.GroupNorm(2, 4), aten.group_norm, "statistics that span space"),
+    (nn.InstanceNorm2d(4), aten.instance_norm, "statistics that span space"),
+    # LRN has no ATen op: export decomposes it into x*x, a pad along the channel axis (of a 5-d
+    # view), avg_pool3d and pointwise ops. Tiling stops at that pad (LRN is per position, so
+    # this is conservative, never wrong).
+    (nn.LocalResponseNorm(2), aten.pad, "touches a non-spatial axis"),
+    (nn.CircularPad2d(1), aten.pad, "circular"),
+    # padding_mode="circular" is an aten.pad (mode circular) before a conv with no padding.
+    (nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular"), aten.pad, "circular"),
+    (nn.MaxPool2d(2, return_indices=True), aten.max_pool2d_with_indices,
+     "not in tilefx's table"),
+    (nn.ConvTranspose2d(4, 4, 3, padding_mode="zeros"), aten.conv_transpose2d, None),
+    (nn.Upsample(scale_factor=2, mode="bicubic"), aten.upsample_bicubic2d,
+     "not in tilefx's table"),
+    (nn.Flatten(), aten.flatten, "merges or splits spatial axes"),
+    (nn.Linear(8, 8), aten.linear, "not in tilefx's table"),
+    (nn.Softmax(dim=-1), aten.softmax, "reduces over a spatial axis"),
+], ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else None)
+def test_barrier_reasons_modules(module, op, reason):
+    gm = _prepare(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), module), torch.randn(1, 3, 8, 8))
+    nodes = _in_module(gm, "1")
+    assert any(getattr(n.target, "overloadpacket", None) is op for n in nodes), nodes
     if reason is None:
-        assert isinstance(f["_1"].rule, SpatialRule)
+        assert all(facts(n).spatial for n in nodes), [facts(n).reason for n in nodes]
     else:
-        assert isinstance(f["_1"].rule, Barrier), f["_1"].rule
-        assert reason in f["_1"].reason, f["_1"].reason
+        # The module's first barrier, where tiling stops, is its op, with the reason.
+        barrier = next((n for n in nodes if not facts(n).spatial), None)
+        assert barrier is not None, nodes
+        assert barrier.target.overloadpacket is op, barrier.format_node()
+        assert reason in facts(barrier).reason, facts(barrier).reason
 
 
 @pytest.mark.parametrize("module", [nn.BatchNorm2d(4), nn.Dropout(0.1), nn.Dropout2d(0.1)])
-def test_training_mode_is_barrier(module):
+def test_training_mode_is_refused(module):
+    """Changed by design: a module in training mode is refused by the capture, before anything
+    runs it (it was a barrier); in eval mode it is a per-position op."""
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), module).train()
-    gm = annotate(trace(model), torch.randn(2, 3, 8, 8))
-    node = next(n for n in gm.graph.nodes if n.name == "_1")
-    assert "training mode" in facts(node).reason
-    model.eval()
-    gm = annotate(trace(model), torch.randn(2, 3, 8, 8))
-    node = next(n for n in gm.graph.nodes if n.name == "_1")
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(TilingError, match=rf"module '1' \({type(module).__name__}\) is in training "
+                                          r"mode.*model\.eval\(\)"):
+        capture(model, x)
+    (node,) = _in_module(_prepare(model, x), "1")
     assert facts(node).spatial
 
 
 def test_batchnorm_without_running_stats_is_barrier():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)).eval()
-    f = _facts(model, torch.randn(2, 3, 8, 8))
-    assert "batch statistics" in f["_1"].reason
+    gm = _prepare(model, torch.randn(2, 3, 8, 8))
+    assert "batch statistics" in facts(_op(gm, aten.batch_norm)).reason
 
 
-def test_rule_checked_against_traced_shape():
+def test_rule_checked_against_traced_shape(monkeypatch):
     """A rule whose predicted size disagrees with the traced op becomes a barrier."""
-    import tilefx.spatial as spatial
 
     class Wrong(nn.Module):
         def forward(self, x):
             return torch.relu(x)
 
-    orig = spatial.RULES[torch.relu]
+    class LyingEntry(Pointwise):
+        """relu's own rule, with a 3-wide valid window that shrinks each axis by 2."""
 
-    def lying(ctx):
-        r = orig(ctx)
-        return SpatialRule(r.op, r.lowering, tuple((n, (Affine(k=3),) * 2) for n, _ in r.inputs))
+        def rule(self, ctx):
+            r = super().rule(ctx)
+            return SpatialRule(r.op, r.kind, tuple((n, (Affine(k=3),) * 2) for n, _ in r.inputs),
+                               r.pad, r.attrs)
 
-    spatial.RULES[torch.relu] = lying
-    try:
-        f = _facts(Wrong(), torch.randn(1, 1, 8, 8))
-    finally:
-        spatial.RULES[torch.relu] = orig
-    assert "predicts spatial size" in f["relu"].reason
+    x = torch.randn(1, 1, 8, 8)
+    with monkeypatch.context() as m:
+        m.setitem(tilefx.rules.TABLE, aten.relu, LyingEntry())
+        f = facts(_op(_prepare(Wrong(), x), aten.relu))
+    assert "predicts spatial size (6, 6) from (8, 8)" in f.reason, f.reason
+    assert facts(_op(_prepare(Wrong(), x), aten.relu)).spatial  # the table's own rule
