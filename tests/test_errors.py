@@ -125,9 +125,9 @@ def test_functional_dropout_training_mode(x):
         def forward(self, x):
             return self.head(F.dropout(self.conv(x), 0.5, self.training))
 
-    # Changed by design: no module is in training mode, but the functional dropout makes the
-    # outputs random, so the capture's check against eager refuses the model.
-    with pytest.raises(TilingError, match="computes something else than the model"):
+    # No module is in training mode, but the functional dropout makes the outputs random: the
+    # capture's check against eager refuses the model and names the dropout node.
+    with pytest.raises(TilingError, match=r"%dropout .*runs in training mode.*model\.eval\(\)"):
         tilefx.transform(M().train(), x, merge="head", tiles=2)
     model = M().eval()
     gm = tilefx.transform(model, x, merge="head", tiles=2)
@@ -182,13 +182,12 @@ def test_data_dependent_submodule_is_refused_with_its_line(x):
 
 
 @pytest.mark.parametrize("shape,msg", [
-    # Changed by design: capture does not check the rank against the first conv; it runs the
-    # model eagerly first, and Net itself fails (its BatchNorm2d refuses unbatched input, its
-    # conv2d 5-d input).
-    ((3, 32, 32), r"Net itself fails on the example input \(\(3, 32, 32\)\): ValueError: "
-                  r"expected 4D input \(got 3D input\)\. Pass an example input the model accepts"),
-    ((1, 3, 4, 32, 32), r"Net itself fails on the example input \(\(1, 3, 4, 32, 32\)\): "
-                        r"RuntimeError: Expected 3D \(unbatched\) or 4D \(batched\) input to conv2d"),
+    # An image whose rank does not match the first convolution is refused before anything runs
+    # (an unbatched (C, H, W) image would otherwise be read as N=C with one spatial axis).
+    ((3, 32, 32), r"example input has shape \(3, 32, 32\) but Net's first convolution expects "
+                  r"4-d input \(N, C, \*spatial\); add the batch axis"),
+    ((1, 3, 4, 32, 32), r"example input has shape \(1, 3, 4, 32, 32\) but Net's first "
+                        r"convolution expects 4-d input"),
     # No image-like input at all: refused before the model runs.
     ((32, 32), r"tilefx needs an input of shape \(N, C, \*spatial\) with 1 to 3 spatial axes; "
                r"got tensors of shapes \[\(32, 32\)\]\. Add a batch axis"),
@@ -196,6 +195,14 @@ def test_data_dependent_submodule_is_refused_with_its_line(x):
 def test_input_of_wrong_rank(shape, msg):
     with pytest.raises(TilingError, match=msg):
         tilefx.transform(Net().eval(), torch.randn(shape), merge="pool", tiles=2)
+
+
+def test_unbatched_input_on_a_conv_only_model_is_refused():
+    """A model with no BatchNorm runs on an unbatched image; it used to be tiled along one
+    'spatial' axis (N=3, C=32), a meaningless tiling."""
+    m = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 3, 1)).eval()
+    with pytest.raises(TilingError, match="expects 4-d input"):
+        tilefx.transform(m, torch.randn(3, 32, 32), merge="2", tiles=2)
 
 
 def test_run_on_input_smaller_than_minimum(x):

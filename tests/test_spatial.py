@@ -300,10 +300,9 @@ def test_barrier_reasons_functional(fn, op, reason):
 
 
 def test_functional_dropout_in_training_is_refused_by_capture():
-    """Changed by design: ``F.dropout(y, 0.5, True)`` makes even an eval model's outputs random,
-    so the capture's check against eager refuses the model before any rule sees the dropout
-    (it was a barrier when tilefx traced with symbolic_trace)."""
-    with pytest.raises(TilingError, match="computes something else than the model"):
+    """``F.dropout(y, 0.5, True)`` makes even an eval model's outputs random, so the capture's
+    check against eager refuses the model, naming the dropout, before any rule sees it."""
+    with pytest.raises(TilingError, match="dropout.*runs in training mode"):
         capture(_Wrap(lambda y: F.dropout(y, 0.5, True)).eval(), torch.randn(1, 3, 8, 8))
 
 

@@ -103,6 +103,30 @@ def check_eval_mode(model: torch.nn.Module) -> None:
             )
 
 
+#: ATen ops that behave differently in training mode, and the position of their flag.
+_TRAINING_FLAG = {torch.ops.aten.dropout: 2, torch.ops.aten.batch_norm: 5}
+
+
+def _trains(n: Node) -> bool:
+    """Whether ``n`` is dropout or batch norm called with training=True."""
+    at = _TRAINING_FLAG.get(getattr(n.target, "overloadpacket", None))
+    return n.op == "call_function" and at is not None and len(n.args) > at and n.args[at] is True
+
+
+def _check_rank(model: torch.nn.Module, x: torch.Tensor) -> None:
+    """Refuse an image whose rank does not match the model's first convolution: an unbatched
+    (C, H, W) image would otherwise be read as N=C and one spatial axis."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.conv._ConvNd):
+            want = len(m.kernel_size) + 2
+            if x.dim() != want:
+                raise TilingError(
+                    f"the example input has shape {tuple(x.shape)} but {type(model).__name__}'s "
+                    f"first convolution expects {want}-d input (N, C, *spatial); add the batch "
+                    "axis (x.unsqueeze(0)) or pass the right example")
+            return
+
+
 def module_path(n: Node) -> list[str]:
     """The qualified names of the modules whose forward created ``n``, outermost first."""
     stack = n.meta.get("nn_module_stack") or {}
@@ -398,7 +422,7 @@ def capture(model: torch.nn.Module, example_inputs: Any, example_kwargs: dict | 
     if not isinstance(model, torch.nn.Module):
         raise TilingError(f"tilefx transforms an nn.Module, got {type(model).__name__}")
     check_eval_mode(model)
-    inputs.spatial  # noqa: B018 - refuse inputs with no image-like tensor before running
+    _check_rank(model, inputs.spatial)
     want = _eager(model, inputs)
     ep, dynamic = _export(model, inputs)
     gm = ep.module()
@@ -414,6 +438,13 @@ def capture(model: torch.nn.Module, example_inputs: Any, example_kwargs: dict | 
             f"{type(e).__name__}: {e}; please report this as a tilefx bug"
         ) from e
     if not outputs_match(want, got):
+        for n in out.graph.nodes:
+            if _trains(n):
+                raise TilingError(
+                    f"node {n.format_node()} runs in training mode (random dropout or batch "
+                    "statistics), so the model's output differs from run to run; tilefx tiles "
+                    "inference only: call model.eval(), and pass training=False (or "
+                    "self.training) to functional dropout and batch_norm")
         raise TilingError(
             f"the torch.export graph of {type(model).__name__} computes something else than the "
             "model on the example input; tilefx will not tile it (please report this)"
