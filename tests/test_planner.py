@@ -149,3 +149,36 @@ def test_network_spatial_to_its_end_is_tiled_whole():
         # float32 through three convolutions: tile summation order, ~1e-6.
         torch.testing.assert_close(tiled(x), m(x), rtol=1e-5, atol=1e-5)
     assert peak_memory(tiled, x) < peak_memory(gm, x)
+
+
+class _TinyUNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        c = torch.nn.Conv2d
+        self.e1, self.e2 = c(3, 8, 3, padding=1), c(8, 16, 3, stride=2, padding=1)
+        self.e3 = c(16, 16, 3, stride=2, padding=1)
+        self.up = torch.nn.Upsample(scale_factor=2)
+        self.d2, self.d1 = c(32, 8, 3, padding=1), c(16, 2, 3, padding=1)
+
+    def forward(self, x):
+        s1 = torch.relu(self.e1(x))
+        s2 = torch.relu(self.e2(s1))
+        y = torch.cat([self.up(torch.relu(self.e3(s2))), s2], 1)
+        return self.d1(torch.cat([self.up(self.d2(y)), s1], 1))
+
+
+def test_unet_levels_are_region_ends_with_their_skips_as_outputs():
+    """Across a U-Net's encoder no single tensor is alive (the skips are), so single-tensor
+    cuts alone offered only the whole network; a downsampling with its skips alive is a
+    candidate end too, and its plan runs exactly."""
+    m, x = _TinyUNet().eval(), torch.randn(1, 3, 64, 64)
+    gm = tilefx.prepare(m, x)
+    model = planner._Model(gm, tilefx.capture.as_inputs(x), CAL, "macs")
+    ends = [model.nodes[i].name for i in model.skip_ends]
+    assert ends == ["conv2d_2"]  # e3, with s1 and s2 alive
+    seg = model.segment(0, model.skip_ends[0])
+    assert {o.name for o in seg.outputs} == {"relu", "relu_1"}
+    tiled = tile_rewrite(gm, "conv2d_2", (2, 2))
+    with torch.no_grad():
+        # float32 through two convolutions: tile summation order, ~1e-6.
+        torch.testing.assert_close(tiled(x), m(x), rtol=1e-5, atol=1e-5)

@@ -71,6 +71,15 @@ BUDGET_MARGIN = 0.05
 
 
 
+#: Skip tensors a region ending at a downsampling may leave alive (U-Net levels).
+MAX_SKIPS = 3
+
+
+def _downsamples(rule: Any) -> bool:
+    """A window op with a stride above 1 on some axis: where an encoder moves a level down."""
+    return _window(rule) and any(s > 1 for s in rule.attrs.get("stride", ()))
+
+
 def _window(rule: Any) -> bool:
     """A window op: its reads leave the map through its pad, and each tile crops its input."""
     return isinstance(rule, SpatialRule) and rule.entry.window
@@ -209,10 +218,17 @@ class _Model:
                 last[u] = self.index[n]
         cuts = []
         self.cut_bytes = {}
+        self.skip_ends = []
         alive: set[Node] = set()
         for i, n in enumerate(self.nodes):
             alive = {u for u in alive if last.get(u, -1) >= i}
             ins = [u for u in n.all_input_nodes if u.op != "get_attr"]
+            if (1 < len(alive) <= MAX_SKIPS + 1 and _downsamples(facts(n).rule)
+                    and all(facts(u).spatial for u in alive)):
+                # A U-Net's encoder: the tensors alive across a downsampling are the current map
+                # and the skips the decoder reads later. A region can end here with every one
+                # of them as an output (assembled full-size), only as a plan's last region.
+                self.skip_ends.append(i)
             if len(alive) == 1 and i > 0 and ins and set(ins) <= alive:
                 (t,) = alive
                 rule = facts(n).rule
@@ -513,11 +529,12 @@ def plan(gm: GraphModule, example_inputs: Any, *, memory_budget: int | None = No
 
     # A user-fixed grid asks for tiling: the untiled plan is then no candidate.
     candidates = [] if tiles else [(base_peak, base_time, 0.0, ())]
-    sequences = [(c,) for c in model.cuts]
+    ends = sorted(set(model.cuts) | set(model.skip_ends))
+    sequences = [(c,) for c in ends]
     chain = model.chain_cuts()
     for k in range(2, max_regions + 1):
         sequences += [(*firsts, last) for firsts in itertools.combinations(chain, k - 1)
-                      for last in model.cuts if last > firsts[-1]]
+                      for last in ends if last > firsts[-1]]
     for seq in sequences:
         bounds = list(zip((0,) + seq[:-1], seq))
         segs, grids = [], []
