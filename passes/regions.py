@@ -118,6 +118,9 @@ def find_region(gm: GraphModule, merge_nodes: list[Node]) -> tuple[list[Node], l
             for u in n.all_input_nodes:
                 if u in region or (u.op == "get_attr" and u.name not in srcs):
                     continue
+                if u.name in srcs and not hasattr(u.meta.get("tensor_meta"), "shape"):
+                    ok = False  # a split's pieces computed outside: no crop applies to a list
+                    break
                 if tensor_valued(u) and u not in after and u.op != "get_attr":
                     continue
                 if ignores_args and u.name not in srcs and not tensor_valued(u):
@@ -136,4 +139,9 @@ def find_region(gm: GraphModule, merge_nodes: list[Node]) -> tuple[list[Node], l
                 and n.users and all(u in region or u in absorbed for u in n.users):
             absorbed.add(n)
     outputs = [n for n in order if any(u not in region and u not in absorbed for u in n.users)]
+    lists = [o for o in outputs if not hasattr(o.meta.get("tensor_meta"), "shape")]
+    if lists:
+        raise TilingError(
+            f"the region before {merge_nodes[0].format_node()} would output {lists[0].name}, a "
+            "list of split pieces, not a tensor; choose a merge node after the pieces are used")
     return order, outputs, absorbed

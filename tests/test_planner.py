@@ -182,3 +182,30 @@ def test_unet_levels_are_region_ends_with_their_skips_as_outputs():
     with torch.no_grad():
         # float32 through two convolutions: tile summation order, ~1e-6.
         torch.testing.assert_close(tiled(x), m(x), rtol=1e-5, atol=1e-5)
+
+
+class _SplitNet(torch.nn.Module):
+    """CSPNet-style: a split whose pieces are read by two branches."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.b, self.c = torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        p, q = torch.relu(self.a(x)).split([4, 4], dim=1)
+        return torch.cat([self.b(p), self.c(q)], 1)
+
+
+def test_a_split_list_is_never_a_cut():
+    """timm's CSPResNet50 crashed ('list' object has no attribute 'dim'): the planner cut where
+    only a split's list of pieces was alive, and a region read the list from outside."""
+    m, x = _SplitNet().eval(), torch.randn(1, 3, 32, 32)
+    gm = tilefx.prepare(m, x)
+    model = planner._Model(gm, tilefx.capture.as_inputs(x), CAL, "macs")
+    split = next(n for n in gm.graph.nodes if "split" in str(n.target))
+    assert all(split not in model.nodes[c].all_input_nodes for c in model.cuts)
+    for p in planner.plan(gm, x, tiles=(2, 2), **TIMING).pareto():
+        with torch.no_grad():
+            # float32 through two convolutions: tile summation order, ~1e-6.
+            torch.testing.assert_close(_apply(gm, p)(x), m(x), rtol=1e-5, atol=1e-5)

@@ -235,7 +235,10 @@ class _Model:
                 window = _window(rule)
                 # The output is a cut too: a network spatial to its end (segmentation, super-
                 # resolution) is tiled whole, its output assembled in the region's buffer.
-                if facts(t).spatial and (window or len(t.users) > 1 or n.op == "output"):
+                # The crossing value must be a tensor: a split's list of pieces cannot be a
+                # region's output or input (timm's CSPResNet crashed on one).
+                tensor = hasattr(t.meta.get("tensor_meta"), "shape")
+                if tensor and facts(t).spatial and (window or len(t.users) > 1 or n.op == "output"):
                     cuts.append(i)
                     self.cut_bytes[i] = self.bpp(t) * math.prod(facts(t).sizes)
             if n.op not in ("placeholder", "get_attr") and n.users:
@@ -267,7 +270,8 @@ class _Model:
             return None
         inside = set(region)
         outputs = [n for n in region if any(u not in inside for u in n.users)]
-        if any(not facts(o).spatial or facts(o).sizes is None for o in outputs):
+        if any(not facts(o).spatial or facts(o).sizes is None
+               or not hasattr(o.meta.get("tensor_meta"), "shape") for o in outputs):
             return None
         inputs = {s for n in region for s, _ in facts(n).rule.inputs} - {n.name for n in region}
         return _Segment(start, end, region, outputs, inputs)
