@@ -287,21 +287,10 @@ class DropoutEval(OpEntry):
         return pointwise_rule(ctx, self, [ctx.node.args[0]])
 
 
-@register(*_ops("cat", "concat", "concatenate"))
-class Cat(OpEntry):
-    kind = "pointwise"
-
-    def rule(self, ctx: RuleContext) -> SpatialRule | Barrier:
-        a = ctx.args()
-        shape = ctx.shape(ctx.node)
-        if shape is None or not ctx.nonspatial_dim(a["dim"], len(shape)):
-            return Barrier(f"concatenation along dim {a['dim']}, a spatial dim")
-        return pointwise_rule(ctx, self, [t for t in a["tensors"] if isinstance(t, Node)])
-
-
-@register(*_ops("stack"))
-class Stack(OpEntry):
-    """Stacking along a new axis before the spatial ones (an FPN's ``stack(...).sum(0)``)."""
+@register(*_ops("cat", "concat", "concatenate", "stack"))
+class Join(OpEntry):
+    """cat along a non-spatial axis, or stack along a new one (an FPN's ``stack(...).sum(0)``):
+    every operand's window is the output's."""
 
     kind = "pointwise"
 
@@ -309,7 +298,7 @@ class Stack(OpEntry):
         a = ctx.args()
         shape = ctx.shape(ctx.node)
         if shape is None or not ctx.nonspatial_dim(a["dim"], len(shape)):
-            return Barrier(f"stack along dim {a['dim']}, a spatial dim")
+            return Barrier(f"{ctx.op} along dim {a['dim']}, a spatial dim")
         return pointwise_rule(ctx, self, [t for t in a["tensors"] if isinstance(t, Node)])
 
 
