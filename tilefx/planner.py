@@ -509,11 +509,11 @@ def plan(gm: GraphModule, example_inputs: Any, *, memory_budget: int | None = No
     >>> from tilefx import prepare
     >>> x = torch.randn(1, 3, 224, 224)
     >>> gm = prepare(torchvision.models.mobilenet_v2().eval(), x)
-    >>> p = plan(gm, x)
+    >>> p = plan(gm, x, timing="macs")  # deterministic: times from MACs, not this machine
     >>> p.peak_bytes < p.baseline_peak_bytes
     True
     >>> budget = int(p.pareto()[-1].peak_bytes * (1 + 2 * BUDGET_MARGIN))
-    >>> q = plan(gm, x, memory_budget=budget)
+    >>> q = plan(gm, x, memory_budget=budget, timing="macs")
     >>> q.peak_bytes * (1 + BUDGET_MARGIN) <= budget
     True
     """
