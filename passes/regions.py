@@ -126,6 +126,9 @@ def find_region(gm: GraphModule, merge_nodes: list[Node]) -> tuple[list[Node], l
                 if ignores_args and u.name not in srcs and not tensor_valued(u):
                     continue
                 ok = False
+            if ok and not hasattr(n.meta.get("tensor_meta"), "shape") and any(
+                    u not in region for u in n.users):
+                ok = False  # a split read outside: the region ends before it, at its input
             if ok and rule.attrs.get("inplace"):
                 src = next(u for u in n.all_input_nodes if u.name in srcs)
                 ok = src in region and len(src.users) == 1
@@ -141,7 +144,7 @@ def find_region(gm: GraphModule, merge_nodes: list[Node]) -> tuple[list[Node], l
     outputs = [n for n in order if any(u not in region and u not in absorbed for u in n.users)]
     lists = [o for o in outputs if not hasattr(o.meta.get("tensor_meta"), "shape")]
     if lists:
-        raise TilingError(
+        raise TilingError(  # pragma: no cover - the closure above keeps lists inside
             f"the region before {merge_nodes[0].format_node()} would output {lists[0].name}, a "
-            "list of split pieces, not a tensor; choose a merge node after the pieces are used")
+            "list of split pieces, not a tensor; please report this as a tilefx bug")
     return order, outputs, absorbed

@@ -1,0 +1,111 @@
+"""Real-world CNNs (timm, segmentation-models-pytorch, MONAI, diffusers) through tilefx.
+
+The catalogue is ``benchmarks/models.py`` (random weights, seed 0, eval mode), run here at a
+small input side (``SIZE``, or a model's own minimum from ``models.MIN_SIZE``). Two checks:
+
+* ``test_realworld_default``: for every model, ``tilefx.transform(model, x)`` with no options
+  succeeds (no refusal, no crash) and the result's outputs equal eager's.
+* ``test_realworld_tiles``: for the models in ``EXPECT_TILED``, a forced 2x2 grid
+  (``transform(model, x, tiles=2)``) succeeds, the result contains a ``TiledRegion`` and its
+  outputs equal eager's. The grid is forced because at a small input the planner's default
+  rightly keeps most models whole (tiling a 64x64 map does not pay for its overhead), so the
+  default result says nothing about whether the model can be tiled.
+
+Every test is ``@pytest.mark.slow`` (run with ``-m slow`` or ``RUN_SLOW=1``); a family whose
+package is missing is skipped. The full-size numbers come from ``benchmarks/realworld.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch.utils._pytree import tree_flatten  # noqa: E402
+
+import tilefx  # noqa: E402
+from models import FAMILY_PACKAGE, catalogue, names  # noqa: E402
+
+#: Input side of the test (each model runs at max(SIZE, models.MIN_SIZE[name])).
+SIZE = 64
+
+CATALOGUE = catalogue(SIZE)
+
+#: Models whose layers up to the first global operation (the classifier's global pool, or a
+#: segmentation decoder's upsampling) are only convolutions, pooling, eval batch norm and
+#: pointwise ops (activations, adds, channel concatenation and splits): a region of them can
+#: always be tiled exactly, so tilefx must find one. Left out: squeeze-excitation and other
+#: global attention mid-network (efficientnet, mobilenetv3, ghostnet, regnety, seresnext,
+#: resnest, nfnet), instance/group/layer norm (MONAI's default-norm nets, SegResNet, the VAE
+#: decoder, convnext), space-to-depth and blur pooling (tresnet), multi-resolution fusion
+#: (hrnet), and smp decoders built around global pooling (DeepLabV3+, PSPNet, MAnet, PAN).
+EXPECT_TILED = {
+    "timm_resnet50",
+    "timm_res2net50_26w_4s",
+    "timm_repvgg_a0",
+    "timm_densenet121",
+    "timm_mobileone_s0",
+    "timm_resnetv2_50",
+    "timm_cspresnet50",
+    "timm_dpn68",
+    "timm_vgg16",
+    "smp_unet",
+    "smp_unetplusplus",
+    "smp_fpn",
+    "smp_linknet",
+    "monai_basicunet_bn",
+    "monai_attentionunet",
+}
+
+
+def _setup(name: str):
+    build, shape, family = CATALOGUE[name]
+    pytest.importorskip(FAMILY_PACKAGE[family])
+    model = build()
+    torch.manual_seed(0)
+    return model, torch.randn(shape)
+
+
+def _flat(out) -> list[torch.Tensor]:
+    return [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+
+
+def _assert_same(gm, model, x) -> None:
+    with torch.no_grad():
+        want, got = _flat(model(x)), _flat(gm(x))
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        # float32: a convolution's summation order differs between a tile and the whole map
+        # (~1e-6 relative per layer), and these models run up to ~100 layers deep; normalised
+        # activations keep the accumulated difference near 1e-5 of the output's scale.
+        scale = w.abs().max().item() or 1.0
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4 * scale)
+
+
+def _regions(gm) -> int:
+    return sum(isinstance(m, tilefx.TiledRegion) for m in gm.modules())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", names())
+def test_realworld_default(name):
+    model, x = _setup(name)
+    gm = tilefx.transform(model, x)
+    _assert_same(gm, model, x)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(EXPECT_TILED))
+def test_realworld_tiles(name):
+    model, x = _setup(name)
+    gm = tilefx.transform(model, x, tiles=2)
+    assert _regions(gm) > 0, f"{name}: no TiledRegion in the result of transform(tiles=2)"
+    _assert_same(gm, model, x)
+
+
+@pytest.mark.slow
+def test_expect_tiled_names_exist():
+    assert EXPECT_TILED <= set(CATALOGUE)
