@@ -238,7 +238,7 @@ class _Recorder(torch.fx.Interpreter):
                 result.shape[1] if result.dim() > 1 else 1))
         if isinstance(module, ChannelsLastBlock) and isinstance(result, torch.Tensor):
             step.transient = _block_transient(module, args[0], result, self.workspace, self.external)
-            # per output position, so a tile's share follows its window (planner._tile_cost)
+            # per output position, so a tile's share follows its window (plan_model.tile_cost)
             info["transient_pp"] = step.transient / max(math.prod(result.shape[2:]), 1)
         if kind is not None:
             x, w, k_, s = _op_params(n, args, kwargs)

@@ -1,13 +1,15 @@
 """The planner: frontier, budgets, overhead caps, multi-region plans; exact against eager."""
 
 import functools
+import gc
+import weakref
 
 import pytest
 import torch
 import torchvision
 
 import tilefx
-from tilefx import TilingError, planner
+from tilefx import TilingError, plan_model, planner
 from tilefx.measure import peak_memory
 from tilefx.passes.memory import simulate
 from tilefx.passes.tile_rewrite import tile_rewrite
@@ -173,7 +175,7 @@ def test_unet_levels_are_region_ends_with_their_skips_as_outputs():
     candidate end too, and its plan runs exactly."""
     m, x = _TinyUNet().eval(), torch.randn(1, 3, 64, 64)
     gm = tilefx.prepare(m, x)
-    model = planner._Model(gm, tilefx.capture.as_inputs(x), CAL, "macs")
+    model = plan_model.StaticModel(gm, tilefx.capture.as_inputs(x), CAL, "macs")
     ends = [model.nodes[i].name for i in model.skip_ends]
     assert ends == ["conv2d_2"]  # e3, with s1 and s2 alive
     seg = model.segment(0, model.skip_ends[0])
@@ -202,10 +204,29 @@ def test_a_split_list_is_never_a_cut():
     only a split's list of pieces was alive, and a region read the list from outside."""
     m, x = _SplitNet().eval(), torch.randn(1, 3, 32, 32)
     gm = tilefx.prepare(m, x)
-    model = planner._Model(gm, tilefx.capture.as_inputs(x), CAL, "macs")
+    model = plan_model.StaticModel(gm, tilefx.capture.as_inputs(x), CAL, "macs")
     split = next(n for n in gm.graph.nodes if "split" in str(n.target))
     assert all(split not in model.nodes[c].all_input_nodes for c in model.cuts)
     for p in planner.plan(gm, x, tiles=(2, 2), **TIMING).pareto():
         with torch.no_grad():
             # float32 through two convolutions: tile summation order, ~1e-6.
             torch.testing.assert_close(_apply(gm, p)(x), m(x), rtol=1e-5, atol=1e-5)
+
+
+def test_planning_keeps_no_model_alive():
+    """The planner's caches were method-level ``lru_cache``s: every planned graph, and the
+    weights it references, stayed alive for the life of the process."""
+    m, x = torchvision.models.resnet18().eval(), torch.randn(1, 3, 64, 64)
+    weight = weakref.ref(m.conv1.weight)
+    p = tilefx.plan(m, x)
+    del m
+    gc.collect()
+    assert weight() is None, "the planned model's weights outlive plan()"
+    assert p.pareto(), "the plan itself stays usable"
+
+    m = torchvision.models.resnet18().eval()
+    weight = weakref.ref(m.conv1.weight)
+    out = tilefx.transform(m, x)
+    del m, out
+    gc.collect()
+    assert weight() is None, "the weights outlive transform() and its result"

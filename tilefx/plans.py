@@ -1,0 +1,175 @@
+"""Plans and their frontier: what the planner returns, and the rule that picks one plan.
+
+A :class:`Plan` is a sequence of :class:`RegionChoice` (each a merge node and a tile grid,
+applied in order with ``tile_rewrite``; an empty sequence is the untiled model) with the
+planner's predictions. A :class:`Frontier` holds the Pareto-optimal plans (peak memory against
+predicted time) and chooses among them:
+
+* ``memory_budget``: the fastest plan whose peak fits with a :data:`BUDGET_MARGIN` to spare
+  (a TilingError with the lowest reachable peak otherwise);
+* ``max_overhead``: the lowest peak whose predicted time is within ``1 + max_overhead`` of
+  the untiled time;
+* neither: the knee, the plan that maximizes
+  ``log(baseline_peak / peak) - KNEE_SLOPE * log(time / baseline_time)``, i.e. where a 1%
+  longer run stops buying at least ``KNEE_SLOPE``% less memory.
+
+These records are the one interface every kind of plan option extends: a new way to run a
+region (several passes for statistics over the whole map, streaming strips) or a choice per
+node (a convolution primitive) becomes a field of :class:`RegionChoice` or :class:`Plan` with
+a default that means today's behaviour, its candidates join the same frontier, and the choice
+rule above applies to all of them unchanged.
+
+>>> a = Plan((), 100, 100, 0.0, 1.0, 1.0)
+>>> b = Plan((RegionChoice(("add_3",), (2, 2)),), 40, 100, 0.1, 1.1, 1.0)
+>>> c = Plan((RegionChoice(("add_3",), (4, 4)),), 30, 100, 0.3, 1.6, 1.0)
+>>> front = Frontier.of([c, a, b, Plan((), 120, 100, 0.0, 1.2, 1.0)])  # the last is dominated
+>>> [p.peak_bytes for p in front]
+[100, 40, 30]
+>>> front.choose().peak_bytes, front.choose(max_overhead=0.6).peak_bytes
+(40, 30)
+>>> front.choose(memory_budget=45).peak_bytes   # 40 bytes plus the 5% margin fit in 45
+40
+>>> front.choose().pareto() == list(front)
+True
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Iterable, Iterator
+
+from .errors import TilingError
+
+__all__ = ["RegionChoice", "Plan", "Frontier", "KNEE_SLOPE", "BUDGET_MARGIN"]
+
+#: The knee's exchange rate between log peak and log time (see the module docstring).
+KNEE_SLOPE = 2.0
+#: A memory_budget is met by plans predicted at least this fraction below it: the static
+#: model's error against measured peaks stays under 5% on the benchmark models.
+BUDGET_MARGIN = 0.05
+
+
+@dataclass(frozen=True)
+class RegionChoice:
+    """One region: the merge node(s) it ends before and its tile grid."""
+
+    merge: tuple[str, ...]
+    tiles: tuple[int, ...]
+
+    def __str__(self) -> str:
+        return f"{','.join(self.merge)} @ {'x'.join(map(str, self.tiles))}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A tiling plan with its predicted peak memory and time.
+
+    ``extra_compute`` is the fraction of the model's MACs the halos add; ``time_s`` and
+    ``baseline_time_s`` come from the calibrated cost model (``overhead = time/baseline - 1``).
+    A plan the user fixed carries no predictions (they are None). A plan the planner chose
+    carries the :class:`Frontier` it was chosen from (``frontier``, ``pareto()``).
+    """
+
+    regions: tuple[RegionChoice, ...]
+    peak_bytes: int | None
+    baseline_peak_bytes: int | None
+    extra_compute: float | None
+    time_s: float | None
+    baseline_time_s: float | None
+    frontier: "Frontier | None" = field(default=None, compare=False, repr=False)
+
+    @property
+    def predicted(self) -> bool:
+        """Whether the planner chose (and so predicted) this plan."""
+        return self.peak_bytes is not None
+
+    @property
+    def overhead(self) -> float | None:
+        """Predicted time over the untiled model's, minus one."""
+        if self.time_s is None:
+            return None
+        return self.time_s / self.baseline_time_s - 1.0
+
+    @property
+    def ratio(self) -> float | None:
+        """Predicted peak reduction: untiled peak / this plan's peak."""
+        if self.peak_bytes is None:
+            return None
+        return self.baseline_peak_bytes / max(self.peak_bytes, 1)
+
+    def pareto(self) -> list["Plan"]:
+        """Every Pareto-optimal plan (peak vs predicted time), lowest peak last."""
+        return list(self.frontier) if self.frontier is not None else [self]
+
+    def __str__(self) -> str:
+        what = " then ".join(map(str, self.regions)) if self.regions else "untiled"
+        if not self.predicted:
+            return f"{what} (fixed by the user; no predictions)"
+        return (f"{what}: peak {self.peak_bytes / 2**20:.2f} MiB ({self.ratio:.1f}x lower than "
+                f"{self.baseline_peak_bytes / 2**20:.2f} MiB), extra MACs {self.extra_compute:+.1%}, "
+                f"predicted time {self.overhead:+.1%}")
+
+
+@dataclass(frozen=True)
+class Frontier:
+    """The Pareto-optimal plans of one model at one input shape, highest peak first.
+
+    Build it with :meth:`of` (which drops dominated plans); iterate it, or :meth:`choose`.
+    """
+
+    plans: tuple[Plan, ...]
+
+    @classmethod
+    def of(cls, plans: Iterable[Plan]) -> "Frontier":
+        """The plans no other plan beats on both peak and predicted time."""
+        kept: list[Plan] = []
+        for p in sorted(plans, key=lambda p: (p.time_s, p.peak_bytes)):
+            if not kept or p.peak_bytes < kept[-1].peak_bytes:
+                kept.append(replace(p, frontier=None))
+        if not kept:
+            raise TilingError("the planner found no plan at all; please report this")
+        return cls(tuple(kept))
+
+    def __iter__(self) -> Iterator[Plan]:
+        return iter(self.plans)
+
+    def __len__(self) -> int:
+        return len(self.plans)
+
+    def lowest_peak(self) -> Plan:
+        """The plan with the lowest predicted peak (the last)."""
+        return self._chosen(self.plans[-1])
+
+    def knee(self) -> Plan:
+        """The plan where a 1% longer run stops buying ``KNEE_SLOPE``% less memory."""
+        def utility(p: Plan) -> float:
+            return (math.log(p.baseline_peak_bytes / max(p.peak_bytes, 1))
+                    - KNEE_SLOPE * math.log(p.time_s / p.baseline_time_s))
+
+        return self._chosen(max(self.plans, key=utility))
+
+    def choose(self, memory_budget: int | None = None, max_overhead: float | None = None) -> Plan:
+        """The plan the options ask for (the module docstring gives the rule)."""
+        pool = list(self.plans)
+        if memory_budget is not None:
+            pool = [p for p in pool if p.peak_bytes * (1 + BUDGET_MARGIN) <= memory_budget]
+            if not pool:
+                best = self.plans[-1]
+                raise TilingError(
+                    f"memory_budget={memory_budget} bytes ({memory_budget / 2**20:.1f} MiB) "
+                    f"cannot be met: the lowest predicted peak reachable is {best.peak_bytes} "
+                    f"bytes ({best.peak_bytes / 2**20:.1f} MiB, {best}; plans must be predicted "
+                    f"{BUDGET_MARGIN:.0%} below the budget); raise the budget"
+                )
+        if max_overhead is not None:
+            within = [p for p in pool if p.overhead <= max_overhead + 1e-12]
+            pool = within or [min(pool, key=lambda p: p.time_s)]
+            return self._chosen(min(pool, key=lambda p: (p.peak_bytes, p.time_s)))
+        if memory_budget is not None:
+            return self._chosen(min(pool, key=lambda p: (p.time_s, p.peak_bytes)))
+        return self.knee()
+
+    def _chosen(self, p: Plan) -> Plan:
+        """``p`` carrying this frontier (the frontier's own plans carry none: no cycles)."""
+        return replace(p, frontier=self)
