@@ -65,7 +65,7 @@ def mib(b: float) -> str:
 def apply(gm, p):
     out = gm
     for r in p.regions:
-        out = tile_rewrite(out, r.merge, r.tiles)
+        out = tile_rewrite(out, r.merge, r.tiles, start=r.start)
     return out
 
 
@@ -139,7 +139,7 @@ def render(rows: list[dict], args, wall: float) -> str:
         f"- machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPU cores, "
         f"torch threads {torch.get_num_threads()}, {platform.platform()}",
         f"- torch {torch.__version__}, torchvision {torchvision.__version__}, python {platform.python_version()}",
-        f"- device: CPU, float32, NCHW, batch 1, eval mode, random weights (weights=None)",
+        "- device: CPU, float32, NCHW, batch 1, eval mode, random weights (weights=None)",
         f"- time model calibration: {cal.call_s * 1e6:.0f} us per window-op call, "
         f"{cal.pointwise_call_s * 1e6:.0f} us per other call, "
         f"{cal.reorder_s_per_byte * 2**30:.3f} s per GiB of weights reordered (oneDNN); "

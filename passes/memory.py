@@ -33,7 +33,6 @@ from typing import Any, Iterable
 
 import torch
 import torch.fx
-import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule
 from torch.multiprocessing.reductions import StorageWeakRef

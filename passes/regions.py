@@ -8,7 +8,7 @@ region tensors read outside it (merge inputs, U-Net skips), assembled full-size.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 import networkx as nx
 from torch.fx import GraphModule, Node
@@ -80,13 +80,23 @@ def _descendants(nodes: set[Node]) -> set[Node]:
     return out
 
 
-def find_region(gm: GraphModule, merge_nodes: list[Node]) -> tuple[list[Node], list[Node], set[Node]]:
+def find_region(gm: GraphModule, merge_nodes: list[Node], start: Iterable[Node] = ()
+                ) -> tuple[list[Node], list[Node], set[Node]]:
     """The region before ``merge_nodes``: (region nodes in order, region outputs, absorbed nodes).
 
     The region is the set of spatial ancestors of the merge nodes whose every input is itself
     in the region or computed before it; absorbed nodes are shape queries read only by the
-    region.
+    region. ``start``: tensors the region begins after: they and their ancestors stay outside
+    it and run untiled (by default the region reaches back to the graph's inputs, or to an
+    earlier region's outputs).
     """
+    stop: set[Node] = set()
+    walk = list(start)
+    while walk:  # the start tensors and all their ancestors
+        n = walk.pop()
+        if n not in stop:
+            stop.add(n)
+            walk.extend(n.all_input_nodes)
     seeds = [u for m in merge_nodes for u in m.all_input_nodes if facts(u).spatial]
     if not seeds:
         m = merge_nodes[0]
@@ -99,7 +109,7 @@ def find_region(gm: GraphModule, merge_nodes: list[Node]) -> tuple[list[Node], l
     stack = list(seeds)
     while stack:
         n = stack.pop()
-        if n in region or n.op in ("placeholder", "get_attr") or not facts(n).spatial:
+        if n in region or n in stop or n.op in ("placeholder", "get_attr") or not facts(n).spatial:
             continue
         region.add(n)
         stack.extend(n.all_input_nodes)

@@ -14,7 +14,6 @@ from operator import attrgetter
 from typing import Any, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch.fx import Graph, GraphModule, Node
 
 import networkx as nx
@@ -26,7 +25,7 @@ from ..region import TiledRegion
 from ..rules import Barrier, SpatialRule
 from ..tiling import RegionNode, RegionSpec, min_input_extent, tile_grid
 from .receptive_field import NodeFacts, Provenance, facts
-from .regions import find_region, resolve_merge, tensor_valued
+from .regions import find_region, resolve_merge
 
 __all__ = ["tile_rewrite"]
 
@@ -109,11 +108,13 @@ def _approx_graph(nodes: list[Node], outputs: list[Node], placeholders: list[Nod
 
 
 def tile_rewrite(gm: GraphModule, merge: Any, tiles: int | Iterable[int], halo: bool = True,
-                 name: str | None = None) -> GraphModule:
+                 name: str | None = None, start: Iterable[str] = ()) -> GraphModule:
     """Return a copy of ``gm`` whose region before ``merge`` runs tile by tile.
 
     ``gm`` must have been annotated by ``receptive_field.annotate``. ``tiles`` is the tile
-    grid (an int for every spatial axis, or one count per axis).
+    grid (an int for every spatial axis, or one count per axis). ``start`` names tensors
+    (nodes) the region begins after; they and what computes them run untiled (default: the
+    region reaches back to the graph's inputs).
 
     >>> import torch, torchvision, tilefx
     >>> m = torchvision.models.resnet18().eval(); x = torch.randn(1, 3, 128, 128)
@@ -122,16 +123,19 @@ def tile_rewrite(gm: GraphModule, merge: Any, tiles: int | Iterable[int], halo: 
     >>> torch.testing.assert_close(tiled(x), m(x))
     """
     merge_nodes = resolve_merge(gm, merge)
-    region, outputs, absorbed = find_region(gm, merge_nodes)
+    region, outputs, absorbed = find_region(gm, merge_nodes, _start_nodes(gm, start))
     if not region:
         raise TilingError(f"nothing to tile before merge node {merge_nodes[0].format_node()}")
     nsp = len(facts(region[0]).sizes)
     grid = tile_grid(tiles, nsp)
     in_region = set(region)
     # Region inputs: tensors computed outside the region (graph inputs, earlier regions'
-    # outputs). Parameters are read in the body through get_attr, sharing the model's weights.
-    placeholders = [p for p in gm.graph.nodes if p not in in_region and p.op != "get_attr"
-                    and tensor_valued(p) and any(u in in_region for u in p.users)]
+    # outputs), and shape scalars that nodes outside the region read too (a region that starts
+    # after a cut shares them with the layers before it). Parameters are read in the body
+    # through get_attr, sharing the model's weights.
+    inner = in_region | absorbed
+    placeholders = [p for p in gm.graph.nodes if p not in inner and p.op != "get_attr"
+                    and any(u in inner for u in p.users)]
     spatial_inputs = [p for p in placeholders
                       if any(p.name in {s for s, _ in facts(u).rule.inputs}
                              for u in p.users if u in in_region)]
@@ -208,6 +212,16 @@ def tile_rewrite(gm: GraphModule, merge: Any, tiles: int | Iterable[int], halo: 
     keep_calling_convention(out, gm)
     out.graph.lint()
     return out
+
+
+def _start_nodes(gm: GraphModule, start: Iterable[str]) -> list[Node]:
+    by_name = {n.name: n for n in gm.graph.nodes}
+    names = [start] if isinstance(start, str) else list(start)
+    missing = [s for s in names if s not in by_name]
+    if missing:
+        raise TilingError(f"start={missing[0]!r} is not a node of the graph; a region starts after "
+                          "node names as printed by gm.graph (or tilefx.explain)")
+    return [by_name[s] for s in names]
 
 
 def _check_grid(spec: RegionSpec, outputs: list[Node], inputs: list[Node]) -> None:

@@ -31,7 +31,7 @@ def _setup(name, size):
 def _apply(gm, p):
     out = gm
     for r in p.regions:
-        out = tile_rewrite(out, r.merge, r.tiles)
+        out = tile_rewrite(out, r.merge, r.tiles, start=r.start)
     return out
 
 
@@ -138,6 +138,7 @@ def test_network_spatial_to_its_end_is_tiled_whole():
         torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(),
         torch.nn.Conv2d(32, 32, 3, stride=2, padding=1), torch.nn.ReLU(),
         torch.nn.Conv2d(32, 4, 1), torch.nn.Upsample(scale_factor=2, mode="nearest"),
+        torch.nn.Conv2d(4, 4, 3, padding=1),  # a full-resolution head: only the output cut covers it
     ).eval()
     x = torch.randn(1, 3, 128, 128)
     gm = tilefx.prepare(m, x)
@@ -230,3 +231,54 @@ def test_planning_keeps_no_model_alive():
     del m, out
     gc.collect()
     assert weight() is None, "the weights outlive transform() and its result"
+
+
+class _TailNet(torch.nn.Module):
+    """A small U-Net whose full-resolution tail (after the last skip) holds the peak."""
+
+    def __init__(self):
+        super().__init__()
+        self.e1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.e2 = torch.nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.d1 = torch.nn.Conv2d(24, 8, 3, padding=1)
+        self.t1 = torch.nn.Conv2d(8, 32, 3, padding=1)
+        self.t2 = torch.nn.Conv2d(32, 32, 3, padding=1)
+        self.t3 = torch.nn.Conv2d(32, 2, 3, padding=1)
+
+    def forward(self, x):
+        s = torch.relu(self.e1(x))
+        y = torch.relu(self.e2(s))
+        y = torch.nn.functional.interpolate(y, size=s.shape[-2:], mode="nearest")
+        y = torch.relu(self.d1(torch.cat([y, s], 1)))
+        # A size read off the input: its shape scalars stay alive across the whole graph.
+        y = torch.nn.functional.interpolate(y, size=(2 * x.shape[-2], 2 * x.shape[-1]))
+        return self.t3(torch.relu(self.t2(torch.relu(self.t1(y)))))
+
+
+def test_a_region_can_start_after_the_last_skip():
+    """A U-Net's skips cross every cut of its encoder and decoder, so only regions from the graph
+    input were candidates, with halos over the whole network. A region may now start at a cut,
+    the layers before it untiled; the cut before an upsampling counts (its input is the smaller
+    tensor), and shape scalars of a dynamic capture alive across it do not hide it (they hid
+    every cut of smp's Unet decoder)."""
+    m, x = _TailNet().eval(), torch.randn(1, 3, 64, 64)
+    gm = tilefx.prepare(m, x)
+    model = plan_model.StaticModel(gm, tilefx.capture.as_inputs(x), CAL, "macs")
+    assert "upsample_nearest2d_1" in [model.nodes[c].name for c in model.cuts]
+    tails = [p for p in planner.frontier(gm, x, **TIMING) if p.regions and p.regions[0].start]
+    assert tails, "no plan starts after the skips"
+    p = min(tails, key=lambda p: p.peak_bytes)
+    assert p.peak_bytes < p.baseline_peak_bytes
+    tiled = _apply(gm, p)
+    region = next(r for r in tiled.modules() if isinstance(r, TiledRegion))
+    assert "cat" not in {rn.name for rn in region.spec.nodes}, "the skip's concat ran in the tiles"
+    with torch.no_grad():
+        # float32 through three convolutions: tile summation order, ~1e-6.
+        torch.testing.assert_close(tiled(x), m(x), rtol=1e-5, atol=1e-5)
+
+
+def test_tile_rewrite_start_names_a_node():
+    m, x = _TailNet().eval(), torch.randn(1, 3, 32, 32)
+    gm = tilefx.prepare(m, x)
+    with pytest.raises(TilingError, match="start='nope' is not a node"):
+        tile_rewrite(gm, "output", 2, start=["nope"])

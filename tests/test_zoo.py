@@ -10,11 +10,9 @@ refused, fails the test. The default run covers a representative subset; the who
 
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
-import torchvision
 from torch.utils._pytree import tree_flatten
 from torchvision import models
 

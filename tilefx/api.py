@@ -128,7 +128,7 @@ def transform(model: torch.nn.Module, example_inputs: Any = None,
                           f"{type(plan).__name__}")
     out = gm
     for region in plan.regions:
-        out = tile_rewrite(out, region.merge, region.tiles, halo=halo)
+        out = tile_rewrite(out, region.merge, region.tiles, halo=halo, start=region.start)
     if out is gm:  # nothing worth tiling: an untiled copy, still an ordinary GraphModule
         out = tile_rewrite_copy(gm)
     out.meta["tilefx_plan"] = plan

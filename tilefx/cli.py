@@ -234,7 +234,8 @@ def _label(plan: Any) -> str:
 
 def _plan_dict(plan: Any) -> dict:
     return {
-        "regions": [{"merge": list(r.merge), "tiles": list(r.tiles)} for r in plan.regions],
+        "regions": [{"merge": list(r.merge), "tiles": list(r.tiles), "start": list(r.start)}
+                    for r in plan.regions],
         "label": _label(plan),
         "peak_bytes": int(plan.peak_bytes),
         "baseline_peak_bytes": int(plan.baseline_peak_bytes),

@@ -43,7 +43,7 @@ from .cost import Calibration, NodeCost, mac_node_costs, measure_node_costs
 from .errors import TilingError
 from .passes.memory import Step, liveness, record
 from .passes.receptive_field import facts
-from .passes.regions import find_region
+from .passes.regions import find_region, tensor_valued
 from .rules import SpatialRule
 from .tiling import RegionNode, propagate_axis, split
 
@@ -133,9 +133,9 @@ class StaticModel:
     def _cuts(self) -> list[int]:
         """Positions of single-tensor cuts whose node reads the crossing tensor.
 
-        Only cuts before a window op (convolution, pooling) or at a tensor read twice (a block
-        input) are kept: a cut before a pointwise op buffers a tensor as large as the one
-        before it and saves nothing.
+        Only cuts before a window op (convolution, pooling), an upsampling, or at a tensor read
+        twice (a block input) are kept: a cut before a pointwise op buffers a tensor as large
+        as the one before it and saves nothing.
         """
         last: dict[Node, int] = {}
         for n in self.nodes:
@@ -143,11 +143,14 @@ class StaticModel:
                 last[u] = self.index[n]
         cuts = []
         self.cut_bytes = {}
+        self.cut_tensor: dict[int, Node] = {}  # the one tensor alive across each cut
         self.skip_ends = []
         alive: set[Node] = set()
         for i, n in enumerate(self.nodes):
             alive = {u for u in alive if last.get(u, -1) >= i}
-            ins = [u for u in n.all_input_nodes if u.op != "get_attr"]
+            # Only tensors count: shape scalars (SymInts of a dynamic capture) stay alive to
+            # the end of many graphs, and a region reads them as they are.
+            ins = [u for u in n.all_input_nodes if u.op != "get_attr" and tensor_valued(u)]
             if (1 < len(alive) <= MAX_SKIPS + 1 and _downsamples(facts(n).rule)
                     and all(facts(u).spatial for u in alive)):
                 # A U-Net's encoder: the tensors alive across a downsampling are the current map
@@ -163,10 +166,16 @@ class StaticModel:
                 # The crossing value must be a tensor: a split's list of pieces cannot be a
                 # region's output or input (timm's CSPResNet crashed on one).
                 tensor = hasattr(t.meta.get("tensor_meta"), "shape")
-                if tensor and facts(t).spatial and (window or len(t.users) > 1 or n.op == "output"):
+                # Before an upsampling the crossing tensor is the smaller one: a region can
+                # start there (a U-Net decoder's full-resolution tail).
+                grows = (tensor and n.op != "output" and facts(n).spatial and facts(n).sizes
+                         and facts(t).sizes and math.prod(facts(n).sizes) > math.prod(facts(t).sizes))
+                if tensor and facts(t).spatial and (window or grows or len(t.users) > 1
+                                                    or n.op == "output"):
                     cuts.append(i)
                     self.cut_bytes[i] = self.bpp(t) * math.prod(facts(t).sizes)
-            if n.op not in ("placeholder", "get_attr") and n.users:
+                    self.cut_tensor[i] = t
+            if n.op not in ("placeholder", "get_attr") and n.users and tensor_valued(n):
                 alive.add(n)
         return cuts
 

@@ -155,13 +155,17 @@ def frontier(gm: GraphModule, example_inputs: Any, *, max_regions: int = MAX_REG
     # A user-fixed grid asks for tiling: the untiled plan is then no candidate.
     candidates = [] if tiles else [_Candidate(base_peak, base_time, 0.0, ())]
     ends = sorted(set(model.cuts) | set(model.skip_ends))
-    sequences = [(c,) for c in ends]
     chain = model.chain_cuts()
+    # A sequence: (start, end) per region. Regions chain end to start from the graph's input;
+    # one region alone may also start at a cut, leaving the layers before it untiled (a
+    # U-Net's full-resolution decoder tail, after its last skip is read).
+    sequences = [((0, e),) for e in ends]
+    sequences += [((a, e),) for a in chain for e in ends if e > a]
     for k in range(2, max_regions + 1):
-        sequences += [(*firsts, last) for firsts in itertools.combinations(chain, k - 1)
-                      for last in ends if last > firsts[-1]]
-    for seq in sequences:
-        bounds = list(zip((0,) + seq[:-1], seq))
+        sequences += [tuple(zip((0,) + seq[:-1], seq))
+                      for firsts in itertools.combinations(chain, k - 1)
+                      for seq in ((*firsts, last) for last in ends if last > firsts[-1])]
+    for bounds in sequences:
         segs, per_region = [], []
         for a, b in bounds:
             seg, opts = region_options(a, b)
@@ -172,14 +176,18 @@ def frontier(gm: GraphModule, example_inputs: Any, *, max_regions: int = MAX_REG
         else:
             rest, at = outer_peaks(model, segs)
             merges = [(model.nodes[b].name,) for _, b in bounds]
+            first = bounds[0][0]
+            start = (model.cut_tensor[first].name,) if first else ()
             for combo in itertools.product(*per_region):
                 if any(math.prod(o.choice.tiles) == 1 for o in combo):
                     continue  # a 1x1 region is the untiled computation plus copies
+                regions = [replace(o.choice, merge=m) for m, o in zip(merges, combo)]
+                regions[0] = replace(regions[0], start=start)
                 candidates.append(_Candidate(
                     peak_bytes=max([rest] + [a + o.peak_bytes for a, o in zip(at, combo)]),
                     time_s=base_time + sum(o.extra_time_s for o in combo),
                     extra_macs=sum(o.extra_macs for o in combo),
-                    regions=tuple(replace(o.choice, merge=m) for m, o in zip(merges, combo))))
+                    regions=tuple(regions)))
     if not candidates:
         raise TilingError(
             f"tiles={tiles}: no merge node has a region whose outputs are at least that many "

@@ -52,13 +52,19 @@ BUDGET_MARGIN = 0.05
 
 @dataclass(frozen=True)
 class RegionChoice:
-    """One region: the merge node(s) it ends before and its tile grid."""
+    """One region: the merge node(s) it ends before, its tile grid, and where it starts.
+
+    ``start`` names the tensors the region begins after (they and what computes them run
+    untiled); empty, the region reaches back to the graph's inputs or an earlier region.
+    """
 
     merge: tuple[str, ...]
     tiles: tuple[int, ...]
+    start: tuple[str, ...] = ()
 
     def __str__(self) -> str:
-        return f"{','.join(self.merge)} @ {'x'.join(map(str, self.tiles))}"
+        after = f"{','.join(self.start)} .. " if self.start else ""
+        return f"{after}{','.join(self.merge)} @ {'x'.join(map(str, self.tiles))}"
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,6 @@ import math
 from typing import Any
 
 import torch
-from torch.fx import GraphModule
 
 from .api import prepare, transform
 from .errors import TilingError
