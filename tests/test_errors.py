@@ -87,6 +87,17 @@ def test_grid_too_fine_says_minimum(x):
     assert "at least (" in msg
 
 
+@pytest.mark.parametrize("tiles", [1, (1, 1)])
+def test_one_tile_is_said_plainly(x, tiles):
+    """``tiles=1`` was refused with "no merge node has a region whose outputs are at least that
+    many positions per axis ... use fewer tiles": one tile cannot be too many."""
+    with pytest.raises(TilingError, match="one tile is the whole map, which does not lower peak"):
+        tilefx.transform(Net().eval(), x, tiles=tiles)
+    model = Net().eval()  # with a merge node, one tile is what the user asked for: it runs
+    gm = tilefx.transform(model, x, merge="pool", tiles=tiles)
+    torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)  # float32 reorderings
+
+
 @pytest.mark.parametrize("tiles", [0, (2, 2, 2), (2, -1)])
 def test_bad_tile_counts(x, tiles):
     with pytest.raises(TilingError, match="one positive count or one per spatial axis"):

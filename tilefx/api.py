@@ -313,6 +313,9 @@ def explain(gm: GraphModule, file: TextIO | None = sys.stdout) -> str:
         lines.append(f"{name}: {len(spec.nodes)} nodes tiled on a grid {grid}, {mode}")
         lines.append(f"  merge node(s): {', '.join(readers[:6]) or '-'}"
                      + (" ..." if len(readers) > 6 else ""))
+        nodes = {n.name: n for n in gm.graph.nodes}
+        lines.append("  starts after: " + ", ".join(
+            _named(nodes[i]) if i in nodes else i for i in spec.inputs))
         lines.append(f"  region outputs: {', '.join(spec.outputs)}")
         if shape is not None and region.halo and call is not None:
             lines.extend("  " + s for s in _halo_lines(region, call, shape))

@@ -141,6 +141,11 @@ def frontier(gm: GraphModule, example_inputs: Any, *, max_regions: int = MAX_REG
     True
     """
     inputs = as_inputs(example_inputs)
+    if tiles is not None and math.prod(tiles) == 1:
+        raise TilingError(
+            f"tiles={tiles}: one tile is the whole map, which does not lower peak memory, so the "
+            "planner never chooses it; ask for at least 2 tiles on some axis, leave tiles unset "
+            "to let the planner choose, or pass merge= with tiles=1 to run a region as one tile")
     model = StaticModel(gm, inputs, calibration or calibrate(), timing)
     base_time, base_peak = model.base_time, model.baseline_peak
     options: dict[tuple[int, int], tuple[Segment | None, list[RegionOption]]] = {}
