@@ -24,10 +24,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from torch.utils._pytree import tree_flatten  # noqa: E402
 
 import tilefx  # noqa: E402
 from models import FAMILY_PACKAGE, catalogue, names  # noqa: E402
+
+from conftest import assert_same_outputs  # noqa: E402
 
 #: Input side of the test (each model runs at max(SIZE, models.MIN_SIZE[name])).
 SIZE = 64
@@ -69,22 +70,6 @@ def _setup(name: str):
     return model, torch.randn(shape)
 
 
-def _flat(out) -> list[torch.Tensor]:
-    return [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-
-
-def _assert_same(gm, model, x) -> None:
-    with torch.no_grad():
-        want, got = _flat(model(x)), _flat(gm(x))
-    assert len(got) == len(want)
-    for g, w in zip(got, want):
-        # float32: a convolution's summation order differs between a tile and the whole map
-        # (~1e-6 relative per layer), and these models run up to ~100 layers deep; normalised
-        # activations keep the accumulated difference near 1e-5 of the output's scale.
-        scale = w.abs().max().item() or 1.0
-        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4 * scale)
-
-
 def _regions(gm) -> int:
     return sum(isinstance(m, tilefx.TiledRegion) for m in gm.modules())
 
@@ -94,7 +79,7 @@ def _regions(gm) -> int:
 def test_realworld_default(name):
     model, x = _setup(name)
     gm = tilefx.transform(model, x)
-    _assert_same(gm, model, x)
+    assert_same_outputs(gm, model, x)
 
 
 @pytest.mark.slow
@@ -103,7 +88,7 @@ def test_realworld_tiles(name):
     model, x = _setup(name)
     gm = tilefx.transform(model, x, tiles=2)
     assert _regions(gm) > 0, f"{name}: no TiledRegion in the result of transform(tiles=2)"
-    _assert_same(gm, model, x)
+    assert_same_outputs(gm, model, x)
 
 
 @pytest.mark.slow

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._pytree import tree_flatten
 from torchvision import models
 
 import tilefx
@@ -22,6 +21,8 @@ from tilefx.passes.receptive_field import facts
 from tilefx.passes.regions import find_region
 from tilefx.passes.tile_rewrite import tile_rewrite
 from tilefx.region import TiledRegion
+
+from conftest import assert_same_outputs
 
 CLASSIFICATION = models.list_models(module=models)
 SEGMENTATION = models.list_models(module=models.segmentation)
@@ -89,10 +90,6 @@ def pick_merge(gm: torch.fx.GraphModule, grid: tuple[int, ...]) -> tuple[str, in
     return best
 
 
-def _flat(out):
-    return [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-
-
 def check_model(name: str) -> None:
     model = build(name)
     x = example(name)
@@ -111,15 +108,7 @@ def check_model(name: str) -> None:
     assert name not in EXPECTED_REFUSALS, f"{name} now tiles: remove it from EXPECTED_REFUSALS"
     region = next(m for m in gm.modules() if isinstance(m, TiledRegion))
     assert len(region.spec.nodes) == size
-    with torch.no_grad():
-        want, got = _flat(model(x)), _flat(gm(x))
-    assert len(want) == len(got)
-    for a, b in zip(want, got):
-        # float32 through up to ~100 layers: each convolution's summation order differs
-        # between a tile and the whole map (~1e-6 relative per layer), normalised activations
-        # keep the accumulated difference near 1e-5 of the output's scale.
-        scale = a.abs().max().item() or 1.0
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * scale)
+    assert_same_outputs(gm, model, x)
 
 
 @pytest.mark.parametrize("name", DEFAULT)
