@@ -7,6 +7,10 @@ MACs, extra time, without running the model per candidate); the plans join one
 :class:`~tilefx.plans.Frontier`, and the frontier's rule chooses (``memory_budget``,
 ``max_overhead``, or the knee).
 
+Regions chain end to start from the graph's input; a lone region may also start at a cut
+(``RegionChoice.start``), the layers before it untiled: a U-Net's skips cross every cut of its
+encoder and decoder, and only the full-resolution tail after the last skip is worth tiling.
+
 For a fixed sequence of cuts the choices couple only through ``peak = max(...)`` and
 ``time = sum(...)``, so the per-region option frontiers are combined exactly; plans are pooled
 over all cut sequences and the Pareto-optimal ones kept. The untiled plan is always a
