@@ -4,6 +4,8 @@ refusals of data-dependent control flow, and the fallback to a model's children.
 from __future__ import annotations
 
 import io
+import signal
+import time
 
 import pytest
 import torch
@@ -136,6 +138,34 @@ def test_static_capture_refuses_other_shapes_clearly():
     m, x = Fixed().eval(), torch.randn(1, 3, 32, 32)
     gm = capture(m, x)
     assert gm.meta["tilefx_dynamic"] is False
+    torch.testing.assert_close(gm(x), m(x))
+    with pytest.raises(TilingError, match=r"do not satisfy .*captured for .*transform again"):
+        gm(torch.randn(1, 3, 40, 40))
+
+
+class SlowToReason(nn.Module):
+    """Stands in for MaxViT, whose dynamic-shape export ran past 20 minutes of sympy: this one
+    stalls whenever its sizes are symbolic, and runs at once at concrete sizes."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        if not isinstance(x.shape[-1], int):
+            time.sleep(30)
+        return self.conv(x)
+
+
+def test_a_dynamic_export_that_runs_too_long_falls_back_to_the_example_shape(monkeypatch):
+    monkeypatch.setenv("TILEFX_DYNAMIC_EXPORT_S", "0.5")
+    m, x = SlowToReason().eval(), torch.randn(1, 3, 32, 32)
+    handler = signal.getsignal(signal.SIGALRM)
+    t0 = time.perf_counter()
+    gm = capture(m, x)
+    assert time.perf_counter() - t0 < 20, "the time limit did not stop the dynamic attempt"
+    assert gm.meta["tilefx_dynamic"] is False
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0) and signal.getsignal(signal.SIGALRM) is handler
     torch.testing.assert_close(gm(x), m(x))
     with pytest.raises(TilingError, match=r"do not satisfy .*captured for .*transform again"):
         gm(torch.randn(1, 3, 40, 40))

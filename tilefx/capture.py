@@ -7,7 +7,8 @@ keeps ``nn_module_stack``, so merge points can still be named by module path.
 
 :func:`capture` marks the spatial dims of every image-like input dynamic (``Dim.AUTO``), so the
 graph runs at other input shapes; where the model does not allow that, it captures at the
-example's shape. Either way the result carries an :class:`InputGuards` call first in its graph:
+example's shape; so it does where export's reasoning about dynamic shapes runs past
+:data:`DYNAMIC_EXPORT_S` seconds (torchvision's MaxViT). Either way the result carries an :class:`InputGuards` call first in its graph:
 an input the capture does not hold for is refused with a :class:`TilingError`, never run down a
 branch that was specialised to another shape. Data-dependent control flow (``if x.mean() > 0``)
 is refused by ``torch.export`` itself, and reported here with the line that did it. The captured
@@ -21,7 +22,10 @@ import copy
 import inspect
 import logging
 import math
+import os
 import re
+import signal
+import threading
 import traceback
 from dataclasses import dataclass
 from typing import Any
@@ -323,21 +327,65 @@ def _export(model: torch.nn.Module, inputs: Inputs) -> tuple[Any, bool]:
         return _export_attempts(model, inputs)
 
 
+#: Seconds the dynamic-shape export attempts may take together before the capture falls back
+#: to the example's shapes (``TILEFX_DYNAMIC_EXPORT_S`` overrides; 0 skips them). Export's
+#: symbolic shape reasoning is quick for CNNs (ResNet-50: ~2 s) but ran past 20 minutes of
+#: sympy simplification on torchvision's MaxViT (window partitions of window partitions).
+DYNAMIC_EXPORT_S = 60.0
+
+
+class _OutOfTime(BaseException):
+    """Raised by the alarm inside export (a BaseException: export's own handlers catch
+    Exception and must not swallow it)."""
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float):
+    """Raise :class:`_OutOfTime` in this thread after ``seconds`` (where an interval timer
+    can: the main thread of a Unix process; elsewhere no limit)."""
+    usable = (seconds > 0 and hasattr(signal, "setitimer")
+              and threading.current_thread() is threading.main_thread())
+    if not usable:
+        yield
+        return
+
+    def alarm(signum, frame):
+        raise _OutOfTime()
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _dynamic_budget() -> float:
+    env = os.environ.get("TILEFX_DYNAMIC_EXPORT_S")
+    return float(env) if env else DYNAMIC_EXPORT_S
+
+
 def _export_attempts(model: torch.nn.Module, inputs: Inputs) -> tuple[Any, bool]:
     attempts = [(_batch_of_two(inputs), True), (_fresh(inputs), False)]
     first: BaseException | None = None
-    for example, batch in attempts:
-        try:
-            dyn = _dynamic_shapes(model, example, batch)
-        except (TypeError, ValueError):
-            break
-        try:
-            return torch.export.export(model, example.args, example.kwargs, strict=False,
-                                       dynamic_shapes=dyn), True
-        except Exception as e:  # export raises many types; a stricter capture may still work
-            first = first or e
-            if _DATA_DEPENDENT.search(f"{type(e).__name__}: {e}"):
-                raise _refusal(model, e) from e
+    budget = _dynamic_budget()
+    try:
+        with _time_limit(budget):
+            for example, batch in attempts if budget > 0 else []:
+                try:
+                    dyn = _dynamic_shapes(model, example, batch)
+                except (TypeError, ValueError):
+                    break
+                try:
+                    return torch.export.export(model, example.args, example.kwargs,
+                                               strict=False, dynamic_shapes=dyn), True
+                except Exception as e:  # export raises many types; a stricter capture may work
+                    first = first or e
+                    if _DATA_DEPENDENT.search(f"{type(e).__name__}: {e}"):
+                        raise _refusal(model, e) from e
+    except _OutOfTime:
+        pass  # dynamic shapes cost too much to reason about: capture at the example's shapes
     try:
         static = _fresh(inputs)
         return torch.export.export(model, static.args, static.kwargs, strict=False), False
