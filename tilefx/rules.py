@@ -114,17 +114,7 @@ class RuleContext:
 
     def args(self) -> dict[str, Any]:
         """The node's arguments by schema name, defaults applied."""
-        n = self.node
-        schema = n.target._schema
-        out = {}
-        for i, a in enumerate(schema.arguments):
-            if i < len(n.args):
-                out[a.name] = n.args[i]
-            elif a.name in n.kwargs:
-                out[a.name] = n.kwargs[a.name]
-            else:
-                out[a.name] = a.default_value if a.has_default_value() else None
-        return out
+        return schema_args(self.node)
 
     def nonspatial_dim(self, dim: Any, rank: int) -> bool:
         """Whether ``dim`` is not a spatial axis (the batch and channel axes: tiles never cut
@@ -810,15 +800,29 @@ def entry(node: Node, module: torch.nn.Module | None = None) -> OpEntry | None:
     return TABLE.get(t) or TABLE.get(getattr(t, "overloadpacket", None))
 
 
+def schema_args(n: Node) -> dict[str, Any]:
+    """An ATen node's arguments by schema name, defaults applied."""
+    out = {}
+    for i, a in enumerate(n.target._schema.arguments):
+        if i < len(n.args):
+            out[a.name] = n.args[i]
+        elif a.name in n.kwargs:
+            out[a.name] = n.kwargs[a.name]
+        else:
+            out[a.name] = a.default_value if a.has_default_value() else None
+    return out
+
+
 def cost_class(node: Node, module: torch.nn.Module | None = None) -> str | None:
     """``"conv"``, ``"maxpool"`` or None: which workspace and time rule a node falls under."""
     e = entry(node, module)
     if e is None or e.cost == "pointwise":
         return None
-    if e is KINDS["conv"] and node.op == "call_function":
-        transposed = node.args[6] if len(node.args) > 6 else node.kwargs.get("transposed")
-        if transposed:
-            return None
+    if (e is KINDS["conv"] and node.op == "call_function"
+            and isinstance(node.target, torch._ops.OpOverload)
+            and schema_args(node).get("transposed")):
+        # aten.convolution's flag (its 7th argument; conv2d's 7th is groups, not this)
+        return None
     return e.cost
 
 
