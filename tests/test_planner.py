@@ -282,3 +282,41 @@ def test_tile_rewrite_start_names_a_node():
     gm = tilefx.prepare(m, x)
     with pytest.raises(TilingError, match="start='nope' is not a node"):
         tile_rewrite(gm, "output", 2, start=["nope"])
+
+
+class _SENet(torch.nn.Module):
+    """Two squeeze-and-excitation blocks; the second expands the map fourfold (the peak)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.se1 = torch.nn.Conv2d(8, 8, 1)
+        self.expand = torch.nn.Conv2d(8, 64, 1)
+        self.dw = torch.nn.Conv2d(64, 64, 3, stride=2, padding=1, groups=64)
+        self.se2 = torch.nn.Conv2d(64, 64, 1)
+        self.head = torch.nn.Conv2d(64, 8, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.stem(x))
+        y = y * torch.sigmoid(self.se1(y.mean((2, 3), keepdim=True)))
+        y = torch.relu(self.dw(torch.relu(self.expand(y))))
+        y = y * torch.sigmoid(self.se2(y.mean((2, 3), keepdim=True)))
+        return self.head(y)
+
+
+def test_a_region_between_squeeze_and_excitation_blocks():
+    """timm's EfficientNet-B0 was tiled 1.38x through symbolic_trace and left untiled after the
+    move to torch.export: every region from the graph's input stops at the first SE gate, so no
+    candidate reached the second block, where the peak is. A region that starts after the first
+    block reads the gate as a value and is a candidate of its own."""
+    m, x = _SENet().eval(), torch.randn(1, 3, 64, 64)
+    gm = tilefx.prepare(m, x)
+    between = [p for p in planner.frontier(gm, x, **TIMING)
+               if p.regions and p.regions[0].start and p.peak_bytes < p.baseline_peak_bytes]
+    assert between, "no plan tiles the block between the two SE gates"
+    for p in between:
+        tiled = _apply(gm, p)
+        assert any(isinstance(r, TiledRegion) for r in tiled.modules())
+        with torch.no_grad():
+            # float32 through three convolutions: tile summation order, ~1e-6.
+            torch.testing.assert_close(tiled(x), m(x), rtol=1e-5, atol=1e-5)

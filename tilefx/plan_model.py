@@ -76,6 +76,7 @@ class Segment:
     outputs: list[Node]
     inputs: set[str]
     body: "Body | None" = None  # the tile body's storage structure, computed once
+    own_windows: bool = False  # not a suffix of the region from the graph's input
 
 
 class StaticModel:
@@ -86,7 +87,7 @@ class StaticModel:
         # Caches on the instance (a method-level lru_cache would keep every model, its graph
         # and its weights alive for the life of the process).
         self._regions: dict[int, list[Node]] = {}
-        self._windows: dict[tuple[int, int, int], Any] = {}
+        self._windows: dict[tuple[int, ...], Any] = {}
         self._segments: dict[tuple[int, int], Segment | None] = {}
         self.nodes = list(gm.graph.nodes)
         self.index = {n: i for i, n in enumerate(self.nodes)}
@@ -208,6 +209,23 @@ class StaticModel:
 
     def _segment(self, start: int, end: int) -> Segment | None:
         region = [n for n in self._region(end) if self.index[n] >= start]
+        seeds = {u for u in self.nodes[end].all_input_nodes if "tilefx" in u.meta and facts(u).spatial}
+        own = False
+        if start and not seeds & set(region):
+            # The region from the graph's input stops short of this merge node (a squeeze-and-
+            # excitation gate between them is computed from a barrier); one that starts after
+            # the cut does not: the gate is then computed before it and read as a value.
+            try:
+                region = find_region(self.gm, [self.nodes[end]], [self.cut_tensor[start]])[0]
+            except TilingError:
+                region = []
+            if not seeds & set(region):
+                return None  # stops short of the merge node too: another pair's region
+            inside = set(region)
+            read = {s for n in region for s, _ in facts(n).rule.inputs}
+            if any(n.name not in read and all(u in inside for u in n.users) for n in region):
+                return None  # a node no tile window reaches (a gate's small network)
+            own = True
         if not region:
             return None
         inside = set(region)
@@ -216,7 +234,7 @@ class StaticModel:
                or not hasattr(o.meta.get("tensor_meta"), "shape") for o in outputs):
             return None
         inputs = {s for n in region for s, _ in facts(n).rule.inputs} - {n.name for n in region}
-        return Segment(start, end, region, outputs, inputs)
+        return Segment(start, end, region, outputs, inputs, own_windows=own)
 
 
 # --------------------------------------------------------------------------- per-axis windows
@@ -226,9 +244,16 @@ def _axis_windows(model: StaticModel, seg: Segment, axis: int, t: int):
     """Per node, per tile index along ``axis``: window length, crop target length, padded.
 
     A region after a single-tensor cut is a suffix of the region of the same merge node from the
-    graph input, with the same outputs, so windows are computed once per merge node and sliced.
+    graph input, with the same outputs, so windows are computed once per merge node and sliced;
+    a region that is not (``own_windows``) gets its own.
     """
-    full = model.full_windows(seg.end, axis, t)
+    if seg.own_windows:
+        key = (seg.start, seg.end, axis, t)
+        if key not in model._windows:
+            model._windows[key] = _region_windows(model, seg.nodes, axis, t)
+        full = model._windows[key]
+    else:
+        full = model.full_windows(seg.end, axis, t)
     if full is None:
         return None
     rows, L, T, P = full

@@ -185,13 +185,14 @@ def frontier(gm: GraphModule, example_inputs: Any, *, max_regions: int = MAX_REG
         else:
             rest, at = outer_peaks(model, segs)
             merges = [(model.nodes[b].name,) for _, b in bounds]
-            first = bounds[0][0]
-            start = (model.cut_tensor[first].name,) if first else ()
+            # Each region starts after its cut's tensor (after the previous region's output, or
+            # the untiled layers before a lone region), as the planner scored it.
+            starts = [(model.cut_tensor[a].name,) if a else () for a, _ in bounds]
             for combo in itertools.product(*per_region):
                 if any(math.prod(o.choice.tiles) == 1 for o in combo):
                     continue  # a 1x1 region is the untiled computation plus copies
-                regions = [replace(o.choice, merge=m) for m, o in zip(merges, combo)]
-                regions[0] = replace(regions[0], start=start)
+                regions = [replace(o.choice, merge=m, start=st)
+                           for m, st, o in zip(merges, starts, combo)]
                 candidates.append(_Candidate(
                     peak_bytes=max([rest] + [a + o.peak_bytes for a, o in zip(at, combo)]),
                     time_s=base_time + sum(o.extra_time_s for o in combo),
