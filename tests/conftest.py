@@ -11,7 +11,6 @@ examples printed as reproduction blobs) is loaded when the ``CI`` environment va
 from __future__ import annotations
 
 import os
-import tempfile
 
 import pytest
 import torch
@@ -37,9 +36,6 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.enviro
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: long-running tests (full model zoo); -m slow or RUN_SLOW=1")
-    # Measured timings are cached on disk (tilefx.cost): one fresh cache per test session, so
-    # no run reads another's timings (or a developer's ~/.cache). Notebooks' kernels inherit it.
-    os.environ["TILEFX_CACHE_DIR"] = tempfile.mkdtemp(prefix="tilefx-cache-")
 
 
 def _slow_selected(config: pytest.Config) -> bool:

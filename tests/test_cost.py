@@ -89,35 +89,3 @@ def test_tiles_without_merge_fixes_the_grid():
 def test_bad_tiles_are_a_tiling_error(tiles):
     with pytest.raises(tilefx.TilingError, match="tiles="):
         tilefx.transform(net(), torch.randn(1, 3, 64, 64), tiles=tiles)
-
-
-def test_the_same_model_and_shape_plan_the_same_run_after_run(tmp_path, monkeypatch):
-    """Plans chosen from fresh timings flipped between runs under load (15 of 18 torchvision
-    models tiled in one run, 13 in the next). Measured costs are kept per machine, graph and
-    shape, so planning again gives the same plan, to the predicted second."""
-    monkeypatch.setenv("TILEFX_CACHE_DIR", str(tmp_path))
-    x = torch.randn(1, 3, 96, 96)
-    gm = tilefx.prepare(net(), x)
-    first = planner.plan(gm, x, calibration=CAL)
-    stored = sorted(p.name for p in tmp_path.iterdir())
-    assert [s.split("-")[0] for s in stored] == ["nodecosts"]
-    again = planner.plan(tilefx.prepare(net(), x), x, calibration=CAL)  # a new capture, same graph
-    assert (again.regions, again.time_s, again.baseline_time_s) == \
-        (first.regions, first.time_s, first.baseline_time_s)
-    assert [(p.regions, p.time_s) for p in again.pareto()] == [(p.regions, p.time_s) for p in first.pareto()]
-    # Another shape is another entry, not a reuse of this one.
-    other = torch.randn(1, 3, 64, 96)
-    planner.plan(tilefx.prepare(net(), other), other, calibration=CAL)
-    assert len(list(tmp_path.iterdir())) == 2
-
-
-def test_the_cache_can_be_turned_off(tmp_path, monkeypatch):
-    monkeypatch.setenv("TILEFX_CACHE_DIR", "")
-    x = torch.randn(1, 3, 64, 64)
-    costs = measure_node_costs(tilefx.prepare(net(), x), x, CAL)
-    assert costs and not list(tmp_path.iterdir())
-    monkeypatch.setenv("TILEFX_CACHE_DIR", str(tmp_path / "c"))
-    measure_node_costs(tilefx.prepare(net(), x), x, CAL)
-    assert len(list((tmp_path / "c").iterdir())) == 1
-    tilefx.cost.clear_cache()
-    assert not list((tmp_path / "c").iterdir())

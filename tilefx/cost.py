@@ -16,28 +16,15 @@ Two sources for the per-node costs:
 * :func:`mac_node_costs` derives them from MACs and the :class:`Calibration` alone, without
   running a kernel: deterministic, for tests and for graphs that cannot run twice.
 
-:func:`calibrate` measures the machine constants.
-
-**Reproducible plans.** Timings taken under load vary from run to run, and a plan chosen from
-them would too. Both the machine constants and every graph's measured node costs are therefore
-kept on disk (:func:`cache_dir`), keyed by the machine (torch version, threads, processor,
-device) and, for node costs, by the graph's code and input shapes: the same model, input shape
-and machine give the same plan run after run, and planning it again skips the timing. Set
-``TILEFX_CACHE_DIR`` to move the cache, or to the empty string to measure afresh every time;
-:func:`clear_cache` empties it (after a hardware or load change, say).
+:func:`calibrate` measures the machine constants once per process.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import math
-import os
-import platform
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
@@ -51,7 +38,7 @@ from .passes.receptive_field import facts
 from .rules import SpatialRule
 
 __all__ = ["Calibration", "NodeCost", "calibrate", "measure_node_costs", "mac_node_costs",
-           "MEASURE_MAX_PIXELS", "cache_dir", "clear_cache"]
+           "MEASURE_MAX_PIXELS"]
 
 #: Largest input (spatial positions) :func:`measure_node_costs` times at; larger inputs are
 #: timed at a reduced shape with the same aspect, so planning a 2048x2048 input stays quick.
@@ -101,94 +88,14 @@ def _fastest(fns, rounds: int = 15) -> list[float]:
     return best
 
 
-# --------------------------------------------------------------------------- the disk cache
-
-
-def cache_dir() -> Path | None:
-    """Where measured costs are kept: ``$TILEFX_CACHE_DIR``, else ``$XDG_CACHE_HOME/tilefx``
-    (``~/.cache/tilefx``); None when ``TILEFX_CACHE_DIR`` is set to the empty string."""
-    env = os.environ.get("TILEFX_CACHE_DIR")
-    if env is not None:
-        return Path(env) if env else None
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "tilefx"
-
-
-def clear_cache() -> None:
-    """Forget every cached timing (the next plan measures afresh)."""
-    d = cache_dir()
-    if d is not None and d.is_dir():
-        for f in d.glob("*.json"):
-            f.unlink(missing_ok=True)
-    calibrate.cache_clear()
-
-
-def _processor() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _machine(device: torch.device) -> str:
-    where = _processor()
-    if device.type == "cuda":
-        where = torch.cuda.get_device_name(device)
-    return f"torch {torch.__version__}|{torch.get_num_threads()} threads|{where}|{device.type}"
-
-
-def _load(kind: str, key: str) -> Any:
-    d = cache_dir()
-    if d is None:
-        return None
-    path = d / f"{kind}-{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
-    try:
-        entry = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return entry.get("value") if entry.get("key") == key else None
-
-
-def _store(kind: str, key: str, value: Any) -> None:
-    d = cache_dir()
-    if d is None:
-        return
-    path = d / f"{kind}-{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"key": key, "value": value}))
-        os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the new one
-    except OSError:
-        pass  # a read-only home: measure every time, as without a cache
-
-
-# --------------------------------------------------------------------------- machine constants
-
-
 @functools.lru_cache(maxsize=None)
 def calibrate() -> Calibration:
-    """The time model's machine constants: measured once per machine (well under a second),
-    then read from the cache (:func:`cache_dir`).
+    """Measure the time model's machine constants (well under a second, once per process).
 
     >>> cal = calibrate()
     >>> cal.mac_rate > 1e8 and 0 < cal.pointwise_call_s < 1e-2
     True
     """
-    key = _machine(torch.device("cpu"))
-    cached = _load("calibration", key)
-    if cached is not None:
-        return Calibration(**cached)
-    cal = _measure_calibration()
-    _store("calibration", key, asdict(cal))
-    return cal
-
-
-def _measure_calibration() -> Calibration:
     torch.manual_seed(0)
     x = torch.randn(1, 64, 56, 56)
     w = torch.randn(64, 64, 3, 3)
@@ -295,26 +202,9 @@ def measure_node_costs(gm: GraphModule, example_inputs: Any, cal: Calibration, *
     graph), one shape is timed and the fixed part is the call's dispatch and weight reorder.
     ``weight_bytes`` maps convolution nodes to their weights' bytes (``passes.memory.record``'s
     ``w_bytes``), which oneDNN reorders on every call. ``example_inputs`` as for
-    ``tilefx.capture.capture``. The costs are cached on disk (see the module docstring).
+    ``tilefx.capture.capture``.
     """
     inputs = as_inputs(example_inputs)
-    key = "|".join([
-        _machine(inputs.spatial.device), repr(cal), str(max_pixels), str(repeats),
-        repr(sorted(weight_bytes.items())),
-        repr([(t.dtype, tuple(t.shape)) for t in inputs.flat if isinstance(t, torch.Tensor)]),
-        gm.code, repr([(n, type(m).__name__, repr(m)) for n, m in gm.named_children()]),
-    ])
-    cached = _load("nodecosts", key)
-    if cached is not None:
-        return {name: NodeCost(*fp) for name, fp in cached.items()}
-    costs = _measure_node_costs(gm, inputs, cal, weight_bytes, max_pixels, repeats)
-    _store("nodecosts", key, {name: [c.fixed_s, c.per_pixel_s] for name, c in costs.items()})
-    return costs
-
-
-def _measure_node_costs(gm: GraphModule, inputs: Inputs, cal: Calibration,
-                        weight_bytes: Mapping[str, int], max_pixels: int,
-                        repeats: int) -> dict[str, NodeCost]:
     small = _reduced(inputs, max_pixels)
     try:
         big = _time_nodes(gm, small, repeats)
