@@ -210,8 +210,8 @@ class StaticModel:
     def _segment(self, start: int, end: int) -> Segment | None:
         region = [n for n in self._region(end) if self.index[n] >= start]
         seeds = {u for u in self.nodes[end].all_input_nodes if "tilefx" in u.meta and facts(u).spatial}
-        own = False
-        if start and not seeds & set(region):
+        own = bool(start) and not seeds & set(region)
+        if own:
             # The region from the graph's input stops short of this merge node (a squeeze-and-
             # excitation gate between them is computed from a barrier); one that starts after
             # the cut does not: the gate is then computed before it and read as a value.
@@ -221,19 +221,17 @@ class StaticModel:
                 region = []
             if not seeds & set(region):
                 return None  # stops short of the merge node too: another pair's region
-            inside = set(region)
-            read = {s for n in region for s, _ in facts(n).rule.inputs}
-            if any(n.name not in read and all(u in inside for u in n.users) for n in region):
-                return None  # a node no tile window reaches (a gate's small network)
-            own = True
         if not region:
             return None
         inside = set(region)
+        read = {s for n in region for s, _ in facts(n).rule.inputs}
+        if own and any(n.name not in read and all(u in inside for u in n.users) for n in region):
+            return None  # a node no tile window reaches (a gate's small network)
         outputs = [n for n in region if any(u not in inside for u in n.users)]
         if any(not facts(o).spatial or facts(o).sizes is None
                or not hasattr(o.meta.get("tensor_meta"), "shape") for o in outputs):
             return None
-        inputs = {s for n in region for s, _ in facts(n).rule.inputs} - {n.name for n in region}
+        inputs = read - {n.name for n in region}
         return Segment(start, end, region, outputs, inputs, own_windows=own)
 
 

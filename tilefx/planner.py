@@ -36,7 +36,7 @@ from .capture import as_inputs
 from .cost import Calibration, calibrate
 from .errors import TilingError
 from .plan_model import MAX_SKIPS, Segment, StaticModel, tile_cost, outer_peaks
-from .plans import BUDGET_MARGIN, KNEE_SLOPE, Frontier, Plan, RegionChoice
+from .plans import BUDGET_MARGIN, KNEE_SLOPE, Frontier, Plan, RegionChoice, pareto
 
 __all__ = ["RegionChoice", "Plan", "Frontier", "RegionOption", "plan", "frontier", "fixed_plan",
            "recompute_tiles", "STRATEGIES", "calibrate", "Calibration", "MAX_TILES",
@@ -75,22 +75,13 @@ def recompute_tiles(model: StaticModel, seg: Segment,
             break  # finer grids do not fit either
         options.append(RegionOption(c.peak_bytes, c.extra_time_s, c.extra_macs,
                                     RegionChoice((), grid)))
-    return _pareto(options)
+    return pareto(options, lambda o: o.peak_bytes, lambda o: o.extra_time_s)
 
 
 #: The ways a region can run; each proposes options for every candidate region.
 STRATEGIES: tuple[Callable[[StaticModel, Segment, Any], list[RegionOption]], ...] = (
     recompute_tiles,
 )
-
-
-def _pareto(options: list[RegionOption]) -> list[RegionOption]:
-    """Options not dominated in (peak, extra time); highest peak first."""
-    out: list[RegionOption] = []
-    for o in sorted(options, key=lambda o: (o.extra_time_s, o.peak_bytes)):
-        if not out or o.peak_bytes < out[-1].peak_bytes:
-            out.append(o)
-    return out
 
 
 def plan(gm: GraphModule, example_inputs: Any, *, memory_budget: int | None = None,
@@ -205,10 +196,7 @@ def frontier(gm: GraphModule, example_inputs: Any, *, max_regions: int = MAX_REG
             "or a larger input"
         )
     # Keep the non-dominated candidates before building plans: there can be many thousands.
-    kept: list[_Candidate] = []
-    for c in sorted(candidates, key=lambda c: (c.time_s, c.peak_bytes)):
-        if not kept or c.peak_bytes < kept[-1].peak_bytes:
-            kept.append(c)
+    kept = pareto(candidates, lambda c: c.peak_bytes, lambda c: c.time_s)
     return Frontier.of(
         Plan(regions=c.regions, peak_bytes=int(round(c.peak_bytes)),
              baseline_peak_bytes=int(base_peak), extra_compute=c.extra_macs / max(model.total_macs, 1),

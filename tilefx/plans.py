@@ -37,17 +37,29 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator, TypeVar
 
 from .errors import TilingError
 
-__all__ = ["RegionChoice", "Plan", "Frontier", "KNEE_SLOPE", "BUDGET_MARGIN"]
+__all__ = ["RegionChoice", "Plan", "Frontier", "pareto", "KNEE_SLOPE", "BUDGET_MARGIN"]
 
 #: The knee's exchange rate between log peak and log time (see the module docstring).
 KNEE_SLOPE = 2.0
 #: A memory_budget is met by plans predicted at least this fraction below it: the static
 #: model's error against measured peaks stays under 5% on the benchmark models.
 BUDGET_MARGIN = 0.05
+
+
+T = TypeVar("T")
+
+
+def pareto(items: Iterable[T], peak: Callable[[T], float], time: Callable[[T], float]) -> list[T]:
+    """The items no other item beats on both peak and time: fastest (highest peak) first."""
+    kept: list[T] = []
+    for it in sorted(items, key=lambda i: (time(i), peak(i))):
+        if not kept or peak(it) < peak(kept[-1]):
+            kept.append(it)
+    return kept
 
 
 @dataclass(frozen=True)
@@ -129,10 +141,8 @@ class Frontier:
     @classmethod
     def of(cls, plans: Iterable[Plan]) -> "Frontier":
         """The plans no other plan beats on both peak and predicted time."""
-        kept: list[Plan] = []
-        for p in sorted(plans, key=lambda p: (p.time_s, p.peak_bytes)):
-            if not kept or p.peak_bytes < kept[-1].peak_bytes:
-                kept.append(replace(p, frontier=None))
+        kept = [replace(p, frontier=None)
+                for p in pareto(plans, lambda p: p.peak_bytes, lambda p: p.time_s)]
         if not kept:
             raise TilingError("the planner found no plan at all; please report this")
         return cls(tuple(kept))
