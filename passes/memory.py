@@ -40,7 +40,7 @@ from torch.utils._pytree import tree_flatten
 
 from ..kernels import Gather, write_tile
 from ..region import TiledRegion
-from ..rules import cost_class
+from ..rules import cost_class, schema_args
 from .channels_last import ChannelsLastBlock
 
 __all__ = ["MemoryProfile", "Step", "simulate", "record", "liveness", "cpu_workspace", "conv_workspace",
@@ -162,15 +162,15 @@ def cpu_workspace(kind: str | None, x: Any, weight: Any, out: Any, kernel: tuple
 
 
 def _op_params(node: torch.fx.Node, args: tuple, kwargs: dict):
-    """(input, weight, kernel, stride) of an ATen convolution or pooling node."""
-    x = args[0] if args else kwargs.get("input", kwargs.get("self"))
+    """(input, weight, kernel, stride) of an ATen convolution or pooling node, given its
+    evaluated arguments (read by schema name)."""
+    a = schema_args(node, args, kwargs)
+    x = a.get("input", a.get("self"))
     if cost_class(node) == "conv":
-        w = args[1] if len(args) > 1 else kwargs.get("weight")
-        s = args[3] if len(args) > 3 else kwargs.get("stride", 1)
+        w, s = a["weight"], a["stride"]
         k = tuple(w.shape[2:]) if isinstance(w, torch.Tensor) else ()
     else:
-        w, k = None, args[1] if len(args) > 1 else kwargs.get("kernel_size", ())
-        s = args[2] if len(args) > 2 else kwargs.get("stride", ())
+        w, k, s = None, a["kernel_size"], a["stride"]
     k = tuple(k) if isinstance(k, (tuple, list)) else (k,)
     s = tuple(s) if isinstance(s, (tuple, list)) else (s,)
     return x, w, k, s
@@ -268,11 +268,8 @@ _CONV_PACKETS = {getattr(torch.ops.aten, k) for k in (
 
 
 def _transposed(n: torch.fx.Node) -> bool:
-    name = n.target.overloadpacket.__name__
-    if name.startswith("conv_transpose"):
-        return True
-    return name.endswith("convolution") and bool(n.args[6] if len(n.args) > 6
-                                                  else n.kwargs.get("transposed"))
+    return (n.target.overloadpacket.__name__.startswith("conv_transpose")
+            or bool(schema_args(n).get("transposed")))
 
 
 def _macs(n: torch.fx.Node, module: nn.Module | None, args: tuple, kwargs: dict, out: Any) -> int:

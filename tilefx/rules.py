@@ -800,14 +800,17 @@ def entry(node: Node, module: torch.nn.Module | None = None) -> OpEntry | None:
     return TABLE.get(t) or TABLE.get(getattr(t, "overloadpacket", None))
 
 
-def schema_args(n: Node) -> dict[str, Any]:
-    """An ATen node's arguments by schema name, defaults applied."""
+def schema_args(n: Node, args: tuple | None = None, kwargs: dict | None = None) -> dict[str, Any]:
+    """An ATen node's arguments by schema name, defaults applied: the node's own (graph nodes
+    and constants), or ``args``/``kwargs`` given for it (their evaluated values)."""
+    args = n.args if args is None else args
+    kwargs = n.kwargs if kwargs is None else kwargs
     out = {}
     for i, a in enumerate(n.target._schema.arguments):
-        if i < len(n.args):
-            out[a.name] = n.args[i]
-        elif a.name in n.kwargs:
-            out[a.name] = n.kwargs[a.name]
+        if i < len(args):
+            out[a.name] = args[i]
+        elif a.name in kwargs:
+            out[a.name] = kwargs[a.name]
         else:
             out[a.name] = a.default_value if a.has_default_value() else None
     return out
