@@ -20,12 +20,12 @@ import networkx as nx
 
 from ..capture import keep_calling_convention
 from ..errors import TilingError
-from ..kernels import LEAF_FUNCTIONS, halo_crop, write_tile
+from ..kernels import LEAF_FUNCTIONS, halo_crop, reduce_tile, write_tile
 from ..region import TiledRegion
 from ..rules import Barrier, SpatialRule
 from ..tiling import RegionNode, RegionSpec, min_input_extent, tile_grid
 from .receptive_field import NodeFacts, Provenance, facts
-from .regions import find_region, resolve_merge
+from .regions import find_region, member_rule, resolve_merge
 
 __all__ = ["tile_rewrite"]
 
@@ -48,6 +48,7 @@ class _BodyBuilder:
         self.outputs = {n.name for n in outputs}
         self.nsp = nsp
         self.env: dict[str, Node] = {}
+        self.reduce: dict[str, list[str]] = {}  # source -> statistics accumulated over it
 
     def call(self, target, args, kwargs=None, name=None, origin="", role="op", op="call_function"):
         n = self.g.create_node(op, target, tuple(args), dict(kwargs or {}), name=name)
@@ -83,12 +84,15 @@ class _BodyBuilder:
         return self.call(target, args, kwargs, name=n.name, origin=n.name)
 
     def emit(self, n: Node) -> None:
-        rule: SpatialRule = facts(n).rule
+        rule: SpatialRule = member_rule(n, True)
         out = rule.entry.emit(self, n, rule)
         self.env[n.name] = out
         if n.name in self.outputs:
             self.call(write_tile, (self.buffers, self.tile, n.name, out), name=f"write_{n.name}",
                       origin=n.name, role="write_tile")
+        if n.name in self.reduce:
+            self.call(reduce_tile, (self.buffers, self.tile, n.name, out, tuple(self.reduce[n.name])),
+                      name=f"reduce_{n.name}", origin=n.name, role="reduce_tile")
 
 
 def _approx_graph(nodes: list[Node], outputs: list[Node], placeholders: list[Node]) -> Graph:
@@ -108,13 +112,17 @@ def _approx_graph(nodes: list[Node], outputs: list[Node], placeholders: list[Nod
 
 
 def tile_rewrite(gm: GraphModule, merge: Any, tiles: int | Iterable[int], halo: bool = True,
-                 name: str | None = None, start: Iterable[str] = ()) -> GraphModule:
+                 name: str | None = None, start: Iterable[str] = (),
+                 multipass: bool = False) -> GraphModule:
     """Return a copy of ``gm`` whose region before ``merge`` runs tile by tile.
 
     ``gm`` must have been annotated by ``receptive_field.annotate``. ``tiles`` is the tile
     grid (an int for every spatial axis, or one count per axis). ``start`` names tensors
     (nodes) the region begins after; they and what computes them run untiled (default: the
-    region reaches back to the graph's inputs).
+    region reaches back to the graph's inputs). ``multipass``: the region reaches through
+    statistics over the whole map (group and instance norms, squeeze-and-excitation means);
+    each pass is one ``call_module`` (``<name>_pass<k>``) that runs the tiles up to the
+    statistics it finds, exactly, and the last pass writes the region's outputs.
 
     >>> import torch, torchvision, tilefx
     >>> m = torchvision.models.resnet18().eval(); x = torch.randn(1, 3, 128, 128)
@@ -123,95 +131,152 @@ def tile_rewrite(gm: GraphModule, merge: Any, tiles: int | Iterable[int], halo: 
     >>> torch.testing.assert_close(tiled(x), m(x))
     """
     merge_nodes = resolve_merge(gm, merge)
-    region, outputs, absorbed = find_region(gm, merge_nodes, _start_nodes(gm, start))
+    reg = find_region(gm, merge_nodes, _start_nodes(gm, start), multipass)
+    region, outputs, absorbed = reg.nodes, reg.outputs, reg.absorbed
     if not region:
         raise TilingError(f"nothing to tile before merge node {merge_nodes[0].format_node()}")
+    if not halo and (len(reg.phases) > 1 or reg.phases[0].statistics):
+        raise TilingError(
+            f"the region before {merge_nodes[0].format_node()} needs statistics over the whole "
+            "map, which the approximate mode (halo=False) does not compute; use halo=True")
     nsp = len(facts(region[0]).sizes)
     grid = tile_grid(tiles, nsp)
     in_region = set(region)
-    # Region inputs: tensors computed outside the region (graph inputs, earlier regions'
-    # outputs), and shape scalars that nodes outside the region read too (a region that starts
-    # after a cut shares them with the layers before it). Parameters are read in the body
-    # through get_attr, sharing the model's weights.
-    inner = in_region | absorbed
-    placeholders = [p for p in gm.graph.nodes if p not in inner and p.op != "get_attr"
-                    and any(u in inner for u in p.users)]
-    spatial_inputs = [p for p in placeholders
-                      if any(p.name in {s for s, _ in facts(u).rule.inputs}
-                             for u in p.users if u in in_region)]
-
-    b = _BodyBuilder(region, outputs, nsp)
-    for p in placeholders:
-        b.env[p.name] = b.call(p.name, (), name=p.name, origin=p.name, role="input",
-                               op="placeholder")
-    b.buffers = b.call("buffers", (), name="buffers", role="input", op="placeholder")
-    b.tile = b.call("tile", (), name="tile", role="input", op="placeholder")
-    for n in region:
-        b.emit(n)
-    b.g.output(None)
-    body = GraphModule(gm, b.g, class_name="TileBody")
-    approx_nodes = [n for n in gm.graph.nodes if n in in_region or n in absorbed]
-    approx = GraphModule(gm, _approx_graph(approx_nodes, outputs, placeholders),
-                         class_name="RegionGraph")
-
-    spec = RegionSpec(
-        nsp=nsp,
-        inputs=tuple(p.name for p in spatial_inputs),
-        nodes=tuple(RegionNode(n.name, facts(n).rule, n.format_node()) for n in region),
-        outputs=tuple(o.name for o in outputs),
-        grid=tuple(int(t) for t in grid),
-    )
-    _check_grid(spec, outputs, spatial_inputs)
-    module = TiledRegion(body, spec, tuple(placeholders.index(p) for p in spatial_inputs),
-                         approx_body=approx, halo=halo)
+    last_pass = len(reg.phases) - 1
+    # Where each statistic is found: reductions the passes replace (their readers read the
+    # pass's result), and norms' moments (read by later passes' bodies).
+    found_in: dict[Node, int] = {s: k for k, ph in enumerate(reg.phases) for s, _ in ph.statistics}
+    replaced = {s for s in found_in if s not in in_region}
 
     existing = {n.target for n in gm.graph.nodes if n.op == "call_module"}
     k = 0
     while name is None or name in existing:
         name, k = f"tiled_region_{k}", k + 1
+    names = [name if k == last_pass else f"{name}_pass{k}" for k in range(len(reg.phases))]
 
-    # The outer graph: the nodes outside the region, and one call in its place, ordered by a
-    # stable topological sort (the call after its inputs, before every reader of its outputs).
-    keep = [n for n in gm.graph.nodes if n not in in_region and n not in absorbed]
-    index = {n: i for i, n in enumerate(gm.graph.nodes)}
-    CALL = "__region__"
+    passes = [_pass_module(gm, reg, ph, nsp, grid, halo, found_in) for ph in reg.phases]
+
+    # The outer graph: the nodes outside the region, and one call per pass in its place,
+    # ordered by a stable topological sort (each call after its inputs, before every reader
+    # of its results).
+    keep = [n for n in gm.graph.nodes if n not in in_region and n not in absorbed
+            and n not in replaced]
+    index = {n: (i, 0) for i, n in enumerate(gm.graph.nodes)}
+    calls = [("__pass__", k) for k in range(len(reg.phases))]
     dag = nx.DiGraph()
     dag.add_nodes_from(keep)
-    dag.add_node(CALL)
-    index[CALL] = index[region[0]]
-    for p in placeholders:
-        dag.add_edge(p, CALL)
+    for k, c in enumerate(calls):
+        dag.add_node(c)
+        index[c] = (index[region[0]][0], k + 1)
+        for p in passes[k][1]:
+            dag.add_edge(calls[found_in[p]] if p in replaced else p, c)
+        for n in passes[k][2]:
+            dag.add_edge(calls[found_in[n]], c)
     for n in keep:
         for u in n.all_input_nodes:
-            dag.add_edge(CALL if u in in_region else u, n)
+            if u in in_region:
+                dag.add_edge(calls[last_pass], n)
+            elif u in replaced:
+                dag.add_edge(calls[found_in[u]], n)
+            else:
+                dag.add_edge(u, n)
     g = Graph()
     env: dict[Node, Node] = {}
+    moments: dict[Node, Node] = {}
     for n in nx.lexicographical_topological_sort(dag, key=lambda v: index[v]):
-        if n is not CALL:
+        if n not in calls:
             env[n] = g.node_copy(n, lambda u: env[u])
             continue
-        call = g.create_node("call_module", name, tuple(env[p] for p in placeholders), {},
-                             name=name)
-        call.meta["tilefx"] = _made(name, "region_call")
-        for i, o in enumerate(outputs):
+        k = n[1]
+        ph = reg.phases[k]
+        module, placeholders, norms = passes[k]
+        args = [env[p] for p in placeholders] + [moments[m] for m in norms]
+        call = g.create_node("call_module", names[k], tuple(args), {}, name=names[k])
+        call.meta["tilefx"] = _made(names[k], "region_call")
+        results = list(ph.outputs) + [s for s, _ in ph.statistics]
+        for i, o in enumerate(results):
+            if o in in_region and o not in ph.outputs:  # a norm's moments, for later passes
+                r = g.create_node("call_function", operator.getitem, (call, i), {},
+                                  name=f"{o.name}_moments")
+                r.meta["tilefx"] = _made(o.name, "statistic")
+                moments[o] = r
+                continue
             r = g.create_node("call_function", operator.getitem, (call, i), {}, name=o.name)
             r.meta = {k2: v for k2, v in o.meta.items() if k2 in ("tensor_meta", "nn_module_stack")}
-            r.meta["tilefx"] = _made(o.name, "region_output", facts(o).sizes)
+            r.meta["tilefx"] = _made(o.name, "region_output" if o in in_region else "statistic",
+                                     facts(o).sizes if o in in_region else None)
             env[o] = r
     # Parameters only the region read are now read by its body alone (a get_attr is pure, so
     # dropping it is safe; nothing else is removed, see fold_channels_last on dead code).
     for n in list(g.nodes):
         if n.op == "get_attr" and not n.users:
             g.erase_node(n)
-    root: dict[str, Any] = {name: module}
+    root: dict[str, Any] = {nm: p[0] for nm, p in zip(names, passes)}
     for n in g.nodes:
-        if n.op in ("call_module", "get_attr") and n.target != name:
+        if n.op in ("call_module", "get_attr") and n.target not in root:
             root[n.target] = attrgetter(n.target)(gm)
     out = GraphModule(root, g, class_name=type(gm).__name__)
     out.meta.update(gm.meta)
     keep_calling_convention(out, gm)
     out.graph.lint()
     return out
+
+
+def _pass_module(gm: GraphModule, reg: Any, ph: Any, nsp: int, grid: tuple[int, ...], halo: bool,
+                 found_in: dict[Node, int]) -> tuple[TiledRegion, list[Node], list[Node]]:
+    """One pass of a region as a TiledRegion: (module, outer values it reads, norms whose
+    moments it reads). Its body writes the pass's outputs and reduces its statistics' sources."""
+    nodes = set(ph.nodes)
+    absorbed = reg.absorbed
+    inner = set(reg.nodes) | absorbed
+    # Pass inputs: tensors computed outside the region (graph inputs, earlier regions'
+    # outputs, values computed from earlier passes' statistics), and shape scalars that nodes
+    # outside the region read too. Parameters are read in the body through get_attr, sharing
+    # the model's weights.
+    placeholders = [p for p in gm.graph.nodes if p not in inner and p.op != "get_attr"
+                    and any(u in nodes or u in absorbed for u in p.users)]
+    norms = [n for n in ph.nodes if not facts(n).spatial]
+    spatial_inputs = [p for p in placeholders
+                      if any(p.name in {s for s, _ in member_rule(u, True).inputs}
+                             for u in p.users if u in nodes)]
+    sources: dict[str, list[str]] = {}
+    for s, src in ph.statistics:
+        sources.setdefault(src.name, []).append(s.name)
+    targets = list(dict.fromkeys([o.name for o in ph.outputs] + list(sources)))
+
+    b = _BodyBuilder(list(ph.nodes), list(ph.outputs), nsp)
+    b.reduce = sources
+    for p in placeholders:
+        b.env[p.name] = b.call(p.name, (), name=p.name, origin=p.name, role="input",
+                               op="placeholder")
+    for n in norms:
+        key = f"{n.name}_moments"
+        b.env[key] = b.call(key, (), name=key, origin=n.name, role="input", op="placeholder")
+    b.buffers = b.call("buffers", (), name="buffers", role="input", op="placeholder")
+    b.tile = b.call("tile", (), name="tile", role="input", op="placeholder")
+    for n in ph.nodes:
+        b.emit(n)
+    b.g.output(None)
+    body = GraphModule(gm, b.g, class_name="TileBody")
+    approx = None
+    if not ph.statistics:
+        approx_nodes = [n for n in gm.graph.nodes if n in nodes or n in absorbed]
+        approx = GraphModule(gm, _approx_graph(approx_nodes, list(ph.outputs), placeholders),
+                             class_name="RegionGraph")
+    by_name = {n.name: n for n in ph.nodes}
+    spec = RegionSpec(
+        nsp=nsp,
+        inputs=tuple(p.name for p in spatial_inputs),
+        nodes=tuple(RegionNode(n.name, member_rule(n, True), n.format_node()) for n in ph.nodes),
+        outputs=tuple(targets),
+        grid=tuple(int(t) for t in grid),
+    )
+    _check_grid(spec, [by_name[t] for t in targets], spatial_inputs)
+    module = TiledRegion(body, spec, tuple(placeholders.index(p) for p in spatial_inputs),
+                         approx_body=approx, halo=halo,
+                         writes=tuple(o.name for o in ph.outputs),
+                         statistics=tuple((s.name, facts(s).rule.statistic) for s, _ in ph.statistics))
+    return module, placeholders, norms
 
 
 def _start_nodes(gm: GraphModule, start: Iterable[str]) -> list[Node]:

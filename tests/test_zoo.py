@@ -81,7 +81,7 @@ def pick_merge(gm: torch.fx.GraphModule, grid: tuple[int, ...]) -> tuple[str, in
         reads = [u for u in n.all_input_nodes if facts(u).spatial]
         if not reads or any(L < t for u in reads for L, t in zip(facts(u).sizes, grid)):
             continue
-        region, outputs, _ = find_region(gm, [n])
+        region, outputs = find_region(gm, [n])[:2]
         if region and all(all(L >= t for L, t in zip(facts(o).sizes, grid)) for o in outputs):
             if best is None or len(region) > best[1]:
                 best = (n.name, len(region))

@@ -22,6 +22,7 @@ from .passes.receptive_field import annotate, facts
 from .passes.regions import find_region, resolve_merge
 from .passes.tile_rewrite import tile_rewrite
 from .region import TiledRegion
+from .statistics import describe
 from .tiling import read_window, tile_grid
 
 __all__ = ["transform", "prepare", "plan", "explain", "compare", "Comparison", "reference_input",
@@ -128,7 +129,8 @@ def transform(model: torch.nn.Module, example_inputs: Any = None,
                           f"{type(plan).__name__}")
     out = gm
     for region in plan.regions:
-        out = tile_rewrite(out, region.merge, region.tiles, halo=halo, start=region.start)
+        out = tile_rewrite(out, region.merge, region.tiles, halo=halo, start=region.start,
+                           multipass=region.multipass and halo)
     if out is gm:  # nothing worth tiling: an untiled copy, still an ordinary GraphModule
         out = tile_rewrite_copy(gm)
     out.meta["tilefx_plan"] = plan
@@ -212,7 +214,9 @@ def _choose(gm: GraphModule, inputs: Inputs, merge, tiles, memory_budget, max_ov
         merge_nodes = resolve_merge(gm, merge)
         grid = _default_grid(gm, merge_nodes, nsp) if tiles is None else tile_grid(tiles, nsp)
         names = tuple(n.name for n in merge_nodes)
-        return planner.fixed_plan(gm, inputs, [planner.RegionChoice(names, grid)])
+        # Through statistics over the whole map when the region has any: exact, in passes.
+        multipass = any(ph.statistics for ph in find_region(gm, merge_nodes, multipass=True).phases)
+        return planner.fixed_plan(gm, inputs, [planner.RegionChoice(names, grid, (), multipass)])
     grid = None if tiles is None else tile_grid(tiles, nsp)
     return planner.plan(gm, inputs, memory_budget=memory_budget, max_overhead=max_overhead,
                         tiles=grid)
@@ -220,7 +224,7 @@ def _choose(gm: GraphModule, inputs: Inputs, merge, tiles, memory_budget, max_ov
 
 def _default_grid(gm: GraphModule, merge_nodes: list, nsp: int) -> tuple[int, ...]:
     """Four tiles per axis, fewer where the region output is too short."""
-    _, outputs, _ = find_region(gm, merge_nodes)
+    outputs = find_region(gm, merge_nodes, multipass=True).outputs
     shortest = [min(facts(o).sizes[a] for o in outputs) for a in range(nsp)]
     return tuple(max(1, min(4, s)) for s in shortest)
 
@@ -282,7 +286,9 @@ def explain(gm: GraphModule, file: TextIO | None = sys.stdout) -> str:
     """Print (and return) the plan of a transformed GraphModule.
 
     For every tiled region: the merge node(s) reading it, the tile grid, the region's size,
-    its outputs, and the halo each tile carries at the planned input shape; then the
+    its outputs, and the halo each tile carries at the planned input shape (a multi-pass
+    region is one entry per pass: the statistics each finds, then the pass writing the
+    outputs, reading every statistic found before it as a constant); then the
     planner's predictions (peak memory, extra compute), when a planner chose the plan.
 
     >>> import torch, torchvision, tilefx
@@ -316,7 +322,10 @@ def explain(gm: GraphModule, file: TextIO | None = sys.stdout) -> str:
         nodes = {n.name: n for n in gm.graph.nodes}
         lines.append("  starts after: " + ", ".join(
             _named(nodes[i]) if i in nodes else i for i in spec.inputs))
-        lines.append(f"  region outputs: {', '.join(spec.outputs)}")
+        if region.statistics:
+            lines.append("  finds exactly: " + "; ".join(
+                f"{s}: {describe(stat)}" for s, stat in region.statistics))
+        lines.append(f"  region outputs: {', '.join(region.writes) or '- (a pass that finds statistics)'}")
         if shape is not None and region.halo and call is not None:
             lines.extend("  " + s for s in _halo_lines(region, call, shape))
     plan = gm.meta.get("tilefx_plan")

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from .errors import TilingError
 
 __all__ = ["Slice", "Gather", "halo_crop", "place", "write_tile", "window_interpolate",
-           "window_avg_pool", "window_view", "add_channel_bias", "LEAF_FUNCTIONS"]
+           "window_avg_pool", "window_view", "add_channel_bias", "reduce_tile", "norm_apply",
+           "LEAF_FUNCTIONS"]
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,38 @@ def write_tile(buffers: dict, tile: Any, name: str, value: torch.Tensor) -> None
     for ax, (lo, hi) in enumerate(piece.window):
         dst = dst.narrow(base + ax, lo, hi - lo)
     dst.copy_(part)
+
+
+def reduce_tile(accumulators: dict, tile: Any, name: str, value: torch.Tensor,
+                statistics: tuple[str, ...]) -> None:
+    """Fold this tile's owned piece of ``name`` (no halo: owned pieces partition the map) into
+    the accumulators of ``statistics`` (``tilefx.statistics.Accumulator``)."""
+    part = _crop_view(value, tile.pieces[name].table)
+    for s in statistics:
+        accumulators[s].add(part)
+
+
+def norm_apply(x: torch.Tensor, moments: torch.Tensor, weight: torch.Tensor | None,
+               bias: torch.Tensor | None) -> torch.Tensor:
+    """Normalise ``x`` (a tile window, ``(N, C, *spatial)``) with finished group ``moments``
+    (``(N, G, 2)``: mean, 1/sqrt(var + eps)) and the norm's affine ``weight`` and ``bias``.
+
+    Computed as one ``x * scale + shift`` with per-(sample, channel) scale and shift, as
+    PyTorch's CPU group norm does; float16 and bfloat16 windows are computed in float32.
+    """
+    n, c = x.shape[:2]
+    g = moments.shape[1]
+    mean = moments[..., 0].repeat_interleave(c // g, dim=1)
+    scale = moments[..., 1].repeat_interleave(c // g, dim=1)
+    if weight is not None:
+        scale = scale * weight.to(scale.dtype)
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.to(shift.dtype)
+    shape = (n, c) + (1,) * (x.dim() - 2)
+    if x.dtype in (torch.float32, torch.float64):
+        return torch.addcmul(shift.view(shape).to(x.dtype), x, scale.view(shape).to(x.dtype))
+    return torch.addcmul(shift.view(shape), x.float(), scale.view(shape)).to(x.dtype)
 
 
 def _crop_view(x: torch.Tensor, table: CropTable) -> torch.Tensor:
@@ -224,4 +257,4 @@ def add_channel_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor
 # then starts with ``wrap("<kernel>")`` lines, so when ``torch.load`` (GraphModule.__reduce__)
 # re-traces that code, the kernels stay leaves instead of being traced into.
 LEAF_FUNCTIONS = (halo_crop, place, write_tile, window_interpolate, window_avg_pool, window_view,
-                  add_channel_bias)
+                  add_channel_bias, reduce_tile, norm_apply)

@@ -43,7 +43,8 @@ from .cost import Calibration, NodeCost, mac_node_costs, measure_node_costs
 from .errors import TilingError
 from .passes.memory import Step, liveness, record
 from .passes.receptive_field import facts
-from .passes.regions import find_region, tensor_valued
+from .passes.regions import (Region, ancestors_within, find_region, member_rule, phases_of,
+                             tensor_valued)
 from .rules import SpatialRule
 from .tiling import RegionNode, propagate_axis, split
 
@@ -77,6 +78,10 @@ class Segment:
     inputs: set[str]
     body: "Body | None" = None  # the tile body's storage structure, computed once
     own_windows: bool = False  # not a suffix of the region from the graph's input
+    #: a multi-pass region: one segment per pass (its nodes, and the tensors it writes or
+    #: reduces as outputs); None for a single-pass region
+    phases: "list[Segment] | None" = None
+    key: tuple = ()  # the windows cache's key of a segment with its own windows
 
 
 class StaticModel:
@@ -88,7 +93,8 @@ class StaticModel:
         # and its weights alive for the life of the process).
         self._regions: dict[int, list[Node]] = {}
         self._windows: dict[tuple[int, ...], Any] = {}
-        self._segments: dict[tuple[int, int], Segment | None] = {}
+        self._segments: dict[tuple[int, int, bool], Segment | None] = {}
+        self._mregions: dict[int, Region | None] = {}
         self.nodes = list(gm.graph.nodes)
         self.index = {n: i for i, n in enumerate(self.nodes)}
         rec = record(gm, *inputs.flat)
@@ -119,7 +125,7 @@ class StaticModel:
 
     def positions(self, n: Node) -> int:
         """Spatial positions of ``n``'s output at the example shape (0 for non-spatial nodes)."""
-        if "tilefx" not in n.meta or not facts(n).spatial or facts(n).sizes is None:
+        if "tilefx" not in n.meta or facts(n).sizes is None or member_rule(n, True) is None:
             return 0
         return math.prod(facts(n).sizes)
 
@@ -201,11 +207,54 @@ class StaticModel:
             self._windows[key] = _region_windows(self, region, axis, t) if region else None
         return self._windows[key]
 
-    def segment(self, start: int, end: int) -> Segment | None:
-        """The candidate region from cut ``start`` to merge node ``end``, or None."""
-        if (start, end) not in self._segments:
-            self._segments[(start, end)] = self._segment(start, end)
-        return self._segments[(start, end)]
+    def segment(self, start: int, end: int, multipass: bool = False) -> Segment | None:
+        """The candidate region from cut ``start`` to merge node ``end``, or None.
+        ``multipass``: the region through statistics over the whole map (None when it has none:
+        then it is the single-pass region)."""
+        key = (start, end, multipass)
+        if key not in self._segments:
+            self._segments[key] = (self._multipass_segment(start, end) if multipass
+                                   else self._segment(start, end))
+        return self._segments[key]
+
+    def _multipass_segment(self, start: int, end: int) -> Segment | None:
+        # A multi-pass region after a single-tensor cut is the part after the cut of the one
+        # from the graph's input (everything after the cut reads only the cut tensor), with
+        # its passes regrouped.
+        if end not in self._mregions:
+            try:
+                self._mregions[end] = find_region(self.gm, [self.nodes[end]], multipass=True)
+            except TilingError:
+                self._mregions[end] = None
+        full = self._mregions[end]
+        if full is None or not any(ph.statistics for ph in full.phases):
+            return None
+        region = [n for n in full.nodes if self.index[n] >= start]
+        inside = set(region)
+        seeds = {u for u in self.nodes[end].all_input_nodes if u in set(full.nodes)}
+        if not region or not seeds <= inside:
+            return None
+        if any(not facts(n).spatial and n.args[0] not in inside for n in region):
+            return None  # a norm whose input is the cut tensor: its moments are not this region's
+        stats = {s for ph in full.phases for s, src in ph.statistics if src in inside}
+        outputs = [o for o in full.outputs if o in inside]
+        if any(not facts(o).sizes or not hasattr(o.meta.get("tensor_meta"), "shape")
+               for o in outputs):
+            return None
+        phases = phases_of(region, outputs, stats - inside)
+        if not any(ph.statistics for ph in phases):
+            return None
+        read = {s for n in region for s, _ in member_rule(n, True).inputs}
+        subs = []
+        for k, ph in enumerate(phases):
+            targets = list(dict.fromkeys(list(ph.outputs) + [src for _, src in ph.statistics]))
+            nodes = list(ph.nodes)
+            subs.append(Segment(start, end, nodes, targets,
+                                {s for n in nodes for s, _ in member_rule(n, True).inputs}
+                                - {n.name for n in nodes},
+                                own_windows=True, key=(start, end, k)))
+        return Segment(start, end, region, outputs, read - {n.name for n in region},
+                       own_windows=True, phases=subs, key=(start, end, "all"))
 
     def _segment(self, start: int, end: int) -> Segment | None:
         region = [n for n in self._region(end) if self.index[n] >= start]
@@ -245,10 +294,21 @@ def _axis_windows(model: StaticModel, seg: Segment, axis: int, t: int):
     graph input, with the same outputs, so windows are computed once per merge node and sliced;
     a region that is not (``own_windows``) gets its own.
     """
-    if seg.own_windows:
-        key = (seg.start, seg.end, axis, t)
+    if seg.key and seg.key[2] != "all":
+        # A pass of a multi-pass region: windows propagate back from the tensors it writes or
+        # reduces, so they are the same for every start; computed once from the graph input.
+        names = tuple(o.name for o in seg.outputs)
+        key = (seg.end, names, axis, t)
         if key not in model._windows:
-            model._windows[key] = _region_windows(model, seg.nodes, axis, t)
+            whole = model._mregions[seg.end].nodes
+            nodes = ancestors_within(set(seg.outputs), set(whole))
+            model._windows[key] = _region_windows(
+                model, [n for n in whole if n in nodes], axis, t, list(seg.outputs))
+        full = model._windows[key]
+    elif seg.own_windows:
+        key = (seg.key or (seg.start, seg.end), axis, t)
+        if key not in model._windows:
+            model._windows[key] = _region_windows(model, seg.nodes, axis, t, seg.outputs)
         full = model._windows[key]
     else:
         full = model.full_windows(seg.end, axis, t)
@@ -259,13 +319,16 @@ def _axis_windows(model: StaticModel, seg: Segment, axis: int, t: int):
     return L[idx], T[idx], P[idx]
 
 
-def _region_windows(model: StaticModel, region: list[Node], axis: int, t: int):
+def _region_windows(model: StaticModel, region: list[Node], axis: int, t: int,
+                    outputs: list[Node] | None = None):
     """Per node, per tile index along ``axis``: window length (L), length of what it reads of
-    its first input (T), and whether that read leaves the map (P)."""
+    its first input (T), and whether that read leaves the map (P). ``outputs`` (default: the
+    nodes read outside ``region``) are partitioned by the grid."""
     by_name = model.by_name
     inside = set(region)
-    outputs = [n for n in region if any(u not in inside for u in n.users)]
-    nodes = [RegionNode(n.name, facts(n).rule) for n in region]
+    if outputs is None:
+        outputs = [n for n in region if any(u not in inside for u in n.users)]
+    nodes = [RegionNode(n.name, member_rule(n, True)) for n in region]
     size = {}
     for rn in nodes:
         size[rn.name] = facts(by_name[rn.name]).sizes[axis]
@@ -371,10 +434,10 @@ def _body(model: StaticModel, seg: Segment) -> Body:
     ops: list[WindowOp] = []
     readers: dict[str, int] = {}
     for n in seg.nodes:
-        for s_, _ in facts(n).rule.inputs:
+        for s_, _ in member_rule(n, True).inputs:
             readers[s_] = readers.get(s_, 0) + 1
     for i, n in enumerate(seg.nodes):
-        rule: SpatialRule = facts(n).rule
+        rule: SpatialRule = member_rule(n, True)
         info = model.info.get(n.name, {})
         if _window(rule) or info.get("kind"):
             src = by_name[rule.inputs[0][0]]
@@ -392,8 +455,8 @@ def _body(model: StaticModel, seg: Segment) -> Body:
     time_pp = np.array([c.per_pixel_s for c in costs])
     fixed = float(sum(c.fixed_s for c in costs))
     # Per tile: a halo crop per window-op input and a write per region output, each a call.
-    calls = sum(len(facts(n).rule.inputs) for n in seg.nodes
-                if _window(facts(n).rule)) + len(seg.outputs)
+    calls = sum(len(member_rule(n, True).inputs) for n in seg.nodes
+                if _window(member_rule(n, True))) + len(seg.outputs)
     fixed += calls * model.cal.pointwise_call_s
     # Scratch memory a node holds while it runs, per output position (a folded channels-last
     # block's hidden MLP activation), beyond the workspace models of ``ops``.

@@ -39,7 +39,7 @@ from .plan_model import MAX_SKIPS, Segment, StaticModel, tile_cost, outer_peaks
 from .plans import BUDGET_MARGIN, KNEE_SLOPE, Frontier, Plan, RegionChoice, pareto
 
 __all__ = ["RegionChoice", "Plan", "Frontier", "RegionOption", "plan", "frontier", "fixed_plan",
-           "recompute_tiles", "STRATEGIES", "calibrate", "Calibration", "MAX_TILES",
+           "recompute_tiles", "multipass_tiles", "STRATEGIES", "MAX_PASSES", "calibrate", "Calibration", "MAX_TILES",
            "MAX_REGIONS", "MAX_SKIPS", "KNEE_SLOPE", "BUDGET_MARGIN"]
 
 #: Tile counts tried per axis.
@@ -63,13 +63,18 @@ class RegionOption(NamedTuple):
     choice: RegionChoice
 
 
+def _grids(model: StaticModel, tiles: tuple[int, ...] | None) -> list[tuple[int, ...]]:
+    return [tiles] if tiles else [(t,) * model.nsp for t in range(1, MAX_TILES + 1)]
+
+
 def recompute_tiles(model: StaticModel, seg: Segment,
                     tiles: tuple[int, ...] | None) -> list[RegionOption]:
     """Square tile grids of 1 to :data:`MAX_TILES` per axis (or the user's ``tiles``), each
     tile recomputing its halo: the Pareto-optimal ones."""
+    if seg.phases is not None:
+        return []
     options = []
-    grids = [tiles] if tiles else [(t,) * model.nsp for t in range(1, MAX_TILES + 1)]
-    for grid in grids:
+    for grid in _grids(model, tiles):
         c = tile_cost(model, seg, grid)
         if c is None:
             break  # finer grids do not fit either
@@ -78,9 +83,38 @@ def recompute_tiles(model: StaticModel, seg: Segment,
     return pareto(options, lambda o: o.peak_bytes, lambda o: o.extra_time_s)
 
 
-#: The ways a region can run; each proposes options for every candidate region.
+def multipass_tiles(model: StaticModel, seg: Segment,
+                    tiles: tuple[int, ...] | None) -> list[RegionOption]:
+    """A multi-pass region (statistics over the whole map, found exactly by extra passes) on
+    each grid: peak of its largest pass, and every pass's recomputation as extra time."""
+    if seg.phases is None or len(seg.phases) > MAX_PASSES:
+        return []
+
+    def untiled(nodes):
+        return (sum(model.cost(n).time(model.positions(n)) for n in nodes),
+                sum(model.info.get(n.name, {}).get("macs", 0) for n in nodes))
+
+    base_t, base_m = untiled(seg.nodes)
+    full = [untiled(ph.nodes) for ph in seg.phases]
+    options = []
+    for grid in _grids(model, tiles):
+        costs = [tile_cost(model, ph, grid) for ph in seg.phases]
+        if any(c is None for c in costs):
+            break
+        time = sum(c.extra_time_s + t for c, (t, _) in zip(costs, full)) - base_t
+        macs = sum(c.extra_macs + m for c, (_, m) in zip(costs, full)) - base_m
+        options.append(RegionOption(max(c.peak_bytes for c in costs), time, macs,
+                                    RegionChoice((), grid, multipass=True)))
+    return pareto(options, lambda o: o.peak_bytes, lambda o: o.extra_time_s)
+
+
+#: Passes a multi-pass region may take (each recomputes the region up to its statistics).
+MAX_PASSES = 4
+
+#: The ways a region can run; each proposes options for every candidate region (a single-pass
+#: segment, and the multi-pass one where the region has statistics over the whole map).
 STRATEGIES: tuple[Callable[[StaticModel, Segment, Any], list[RegionOption]], ...] = (
-    recompute_tiles,
+    recompute_tiles, multipass_tiles,
 )
 
 
@@ -143,13 +177,18 @@ def frontier(gm: GraphModule, example_inputs: Any, *, max_regions: int = MAX_REG
             "to let the planner choose, or pass merge= with tiles=1 to run a region as one tile")
     model = StaticModel(gm, inputs, calibration or calibrate(), timing)
     base_time, base_peak = model.base_time, model.baseline_peak
-    options: dict[tuple[int, int], tuple[Segment | None, list[RegionOption]]] = {}
+    options: dict[tuple[int, int], list[tuple[Segment, list[RegionOption]]]] = {}
 
-    def region_options(a: int, b: int) -> tuple[Segment | None, list[RegionOption]]:
+    def region_options(a: int, b: int) -> list[tuple[Segment, list[RegionOption]]]:
+        """Per way of drawing the region from cut ``a`` to merge ``b`` (single- or multi-
+        pass), the segment and every strategy's options on it."""
         if (a, b) not in options:
-            seg = model.segment(a, b)
-            opts = [o for strategy in STRATEGIES for o in strategy(model, seg, tiles)] if seg else []
-            options[(a, b)] = (seg, opts)
+            groups = []
+            for seg in (model.segment(a, b), model.segment(a, b, multipass=True)):
+                opts = [o for strategy in STRATEGIES for o in strategy(model, seg, tiles)] if seg else []
+                if opts:
+                    groups.append((seg, opts))
+            options[(a, b)] = groups
         return options[(a, b)]
 
     # A user-fixed grid asks for tiling: the untiled plan is then no candidate.
@@ -166,14 +205,12 @@ def frontier(gm: GraphModule, example_inputs: Any, *, max_regions: int = MAX_REG
                       for firsts in itertools.combinations(chain, k - 1)
                       for seq in ((*firsts, last) for last in ends if last > firsts[-1])]
     for bounds in sequences:
-        segs, per_region = [], []
-        for a, b in bounds:
-            seg, opts = region_options(a, b)
-            if seg is None or not opts:
-                break
-            segs.append(seg)
-            per_region.append(opts)
-        else:
+        per_bound = [region_options(a, b) for a, b in bounds]
+        if not all(per_bound):
+            continue
+        for groups in itertools.product(*per_bound):
+            segs = [seg for seg, _ in groups]
+            per_region = [opts for _, opts in groups]
             rest, at = outer_peaks(model, segs)
             merges = [(model.nodes[b].name,) for _, b in bounds]
             # Each region starts after its cut's tensor (after the previous region's output, or

@@ -68,15 +68,20 @@ class RegionChoice:
 
     ``start`` names the tensors the region begins after (they and what computes them run
     untiled); empty, the region reaches back to the graph's inputs or an earlier region.
+    ``multipass``: see ``passes.tile_rewrite``.
     """
 
     merge: tuple[str, ...]
     tiles: tuple[int, ...]
     start: tuple[str, ...] = ()
+    #: the region reaches through statistics over the whole map (group and instance norms,
+    #: squeeze-and-excitation), found exactly by extra passes over its tiles
+    multipass: bool = False
 
     def __str__(self) -> str:
         after = f"{','.join(self.start)} .. " if self.start else ""
-        return f"{after}{','.join(self.merge)} @ {'x'.join(map(str, self.tiles))}"
+        passes = " multi-pass" if self.multipass else ""
+        return f"{after}{','.join(self.merge)} @ {'x'.join(map(str, self.tiles))}{passes}"
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import torch.fx
 from torch import nn
 
 from .errors import TilingError
+from .statistics import Accumulator, Statistic
 from .tiling import RegionSpec, Schedule, extents, min_input_extent, schedule
 
 __all__ = ["TiledRegion"]
@@ -34,13 +35,19 @@ class TiledRegion(nn.Module):
     """
 
     def __init__(self, body: torch.fx.GraphModule, spec: RegionSpec, spatial_args: tuple[int, ...],
-                 approx_body: torch.fx.GraphModule | None = None, halo: bool = True):
+                 approx_body: torch.fx.GraphModule | None = None, halo: bool = True,
+                 writes: tuple[str, ...] | None = None,
+                 statistics: tuple[tuple[str, Statistic], ...] = ()):
         super().__init__()
         self.body = body
         self.approx_body = approx_body
         self.spec = spec
         self.spatial_args = spatial_args
         self.halo = halo
+        # A pass of a multi-pass region writes some of ``spec.outputs`` (none but in the last
+        # pass) and accumulates statistics over the others' owned pieces.
+        self.writes = spec.outputs if writes is None else writes
+        self.statistics = statistics
         self._schedules: dict[Any, Schedule] = {}
 
     def __getstate__(self) -> dict[str, Any]:
@@ -54,8 +61,9 @@ class TiledRegion(nn.Module):
         return self.spec.grid
 
     def extra_repr(self) -> str:
+        stats = f", statistics={[n for n, _ in self.statistics]}" if self.statistics else ""
         return (f"grid={self.spec.grid}, nodes={len(self.spec.nodes)}, "
-                f"outputs={list(self.spec.outputs)}, halo={self.halo}")
+                f"outputs={list(self.writes)}{stats}, halo={self.halo}")
 
     def input_sizes(self, args: tuple) -> dict[str, tuple[int, ...]]:
         nsp = self.spec.nsp
@@ -92,10 +100,11 @@ class TiledRegion(nn.Module):
         if not self.halo:
             return self._forward_approx(args, sizes)
         sched = self.schedule_for(sizes)
-        buffers: dict[str, torch.Tensor] = {}
+        buffers: dict[str, Any] = {n: Accumulator(stat, self.spec.nsp) for n, stat in self.statistics}
         for tile in sched.tiles:
             self.body(*args, buffers, tile)
-        return tuple(buffers[o] for o in self.spec.outputs)
+        return (tuple(buffers[o] for o in self.writes)
+                + tuple(buffers[n].result() for n, _ in self.statistics))
 
     # ------------------------------------------------------------------ approximate mode
 

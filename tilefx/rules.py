@@ -30,6 +30,7 @@ from torch.fx import Node
 
 from . import kernels
 from .capture import InputGuards
+from .statistics import Statistic
 from .windows import IDENTITY, Affine, AxisMap, Interp, Transposed
 
 __all__ = ["PadSpec", "SpatialRule", "Barrier", "RuleContext", "OpEntry", "TABLE", "register",
@@ -79,10 +80,17 @@ class SpatialRule:
 class Barrier:
     """A node tilefx cannot tile, and why. ``reduction`` names a statistic over space
     (``"group_norm"``, ``"mean"``...) for nodes that reduce the map rather than merely being
-    unknown."""
+    unknown.
+
+    A reduction a multi-pass region can split carries its ``statistic`` (what to accumulate
+    over its first input, tile by tile) and, for a norm, ``apply``: the pointwise rule of its
+    application once the statistic is known (None: the statistic is the node's own output).
+    """
 
     reason: str
     reduction: str | None = None
+    statistic: Statistic | None = field(default=None, compare=False)
+    apply: "SpatialRule | None" = field(default=None, compare=False)
 
 
 @dataclass
@@ -436,8 +444,16 @@ class Reduction(OpEntry):
             return Barrier(f"{ctx.op} returns several values", reduction=ctx.op)
         if all(ctx.nonspatial_dim(d, rank) for d in dims) and ctx.out_spatial == ctx.spatial(x):
             return ctx.rule(self, [(x.name, (IDENTITY,) * ctx.nsp)])
+        name = str(ctx.node.target.overloadpacket.__name__)
+        spatial = set(range(rank - ctx.nsp, rank))
+        stat = None
+        if (name in ("mean", "sum", "amax", "amin") and {d % rank for d in dims} == spatial
+                and x.meta["tensor_meta"].dtype.is_floating_point):
+            out = ctx.node.meta["tensor_meta"]
+            stat = Statistic(name, keepdim=len(out.shape) == rank,
+                             dtype=out.dtype if out.dtype != x.meta["tensor_meta"].dtype else None)
         return Barrier(f"{ctx.op} reduces over a spatial axis (a statistic of the whole map)",
-                       reduction=str(ctx.node.target.overloadpacket.__name__))
+                       reduction=name, statistic=stat)
 
 
 # --------------------------------------------------------------------------- window ops
@@ -762,7 +778,42 @@ class SpatialNorm(OpEntry):
 
     def rule(self, ctx: RuleContext) -> Barrier:
         name = ctx.node.target.overloadpacket.__name__
-        return Barrier(f"{name} normalizes with statistics that span space", reduction=name)
+        reason = f"{name} normalizes with statistics that span space"
+        a = ctx.args()
+        x = a.get("input")
+        shape = ctx.shape(x) if isinstance(x, Node) else None
+        out = ctx.node.meta.get("tensor_meta")
+        if shape is None or ctx.spatial(x) is None or not hasattr(out, "shape"):
+            return Barrier(reason, reduction=name)
+        if ctx.node.target == aten.group_norm.default:
+            groups, weight, bias = a["num_groups"], a["weight"], a["bias"]
+        elif ctx.node.target == aten.instance_norm.default and a["use_input_stats"]:
+            groups, weight, bias = shape[1], a["weight"], a["bias"]
+        else:
+            return Barrier(reason, reduction=name)
+        if not isinstance(groups, int) or not _is_static(a["eps"]) or shape[1] % groups:
+            return Barrier(reason, reduction=name)
+        stat = Statistic("moments", groups=groups, eps=float(a["eps"]))
+        apply = ctx.rule(KINDS["norm_apply"], [(x.name, (IDENTITY,) * ctx.nsp)],
+                         weight=weight, bias=bias)
+        return Barrier(reason, reduction=name, statistic=stat, apply=apply)
+
+
+class NormApply(OpEntry):
+    """A norm inside a multi-pass region: pointwise, with the moments an earlier pass found
+    (the tile body reads them as ``<node>_moments``)."""
+
+    kind = "norm_apply"
+
+    def emit(self, body: Any, n: Node, rule: SpatialRule) -> Node:
+        (src, _), = rule.inputs
+        args = [body.crop(n, src), body.env[f"{n.name}_moments"]]
+        args += [body.value(w) if isinstance(w, Node) else w
+                 for w in (rule.attrs["weight"], rule.attrs["bias"])]
+        return body.call(kernels.norm_apply, args, name=n.name, origin=n.name)
+
+
+KINDS["norm_apply"] = NormApply()
 
 
 @register(*_ops("adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
@@ -770,8 +821,14 @@ class SpatialNorm(OpEntry):
                 "adaptive_max_pool2d", "adaptive_max_pool3d"))
 class GlobalPool(OpEntry):
     def rule(self, ctx: RuleContext) -> Barrier:
+        kind = "mean" if "avg" in ctx.op else "amax"
+        out = ctx.node.meta.get("tensor_meta")
+        stat = None
+        if kind == "mean" and hasattr(out, "shape") and ctx.spatial(ctx.node.args[0]) is not None \
+                and all(d == 1 for d in out.shape[-ctx.nsp:]) and len(out.shape) == ctx.nsp + 2:
+            stat = Statistic("mean", keepdim=True)
         return Barrier(f"{ctx.op} reads the whole feature map (global or adaptive pooling)",
-                       reduction="mean" if "avg" in ctx.op else "amax")
+                       reduction=kind, statistic=stat)
 
 
 @register(*_ops("scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
