@@ -189,6 +189,21 @@ def test_shape_guards_of_the_model_are_kept():
         gm(torch.randn(1, 3, 64, 50))
 
 
+def test_a_sequential_is_captured_with_dynamic_shapes():
+    """nn.Sequential's forward takes ``input``, a builtin's name, so export names its
+    placeholder ``input_1`` while its guards still say ``L['input']``: the guards were read as
+    unwritable and every Sequential was held to the example's shape."""
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    gm = capture(m, torch.randn(1, 3, 64, 64))
+    assert gm.meta["tilefx_dynamic"]
+    x = torch.randn(2, 3, 40, 56)
+    with torch.no_grad():
+        # float32, two convolutions on the same values in the same order: rounding only
+        torch.testing.assert_close(gm(x), m(x), rtol=1e-6, atol=1e-6)
+    with pytest.raises(TilingError, match=r"input_1\.shape\[2\] >= 3"):  # export's own guard
+        gm(torch.randn(1, 3, 2, 2))
+
+
 def test_guards_survive_save_and_load():
     m = TwoInputs().eval()
     x, mask = torch.randn(1, 3, 32, 32), torch.randn(1, 1, 32, 32)

@@ -196,8 +196,30 @@ class InputGuards(torch.nn.Module):
         return f"{len(self.checks)} checks, captured for {self.captured}"
 
 
-def _guard_checks(gm: GraphModule, ep: Any, names: list[str], inputs: Inputs) -> tuple[list, bool]:
-    """The checks of :class:`InputGuards`, and whether every guard of the capture is in them."""
+def _source_names(model: torch.nn.Module, inputs: Inputs) -> list[str | None]:
+    """Per flat input, the name export's guards call it by: the ``forward`` parameter it is
+    passed as (``input`` for ``nn.Sequential``, whose placeholder becomes ``input_1``), or None
+    for a leaf of a nested input."""
+    try:
+        params = [p for p in inspect.signature(model.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        params = []
+    out: list[str | None] = []
+    for i, a in enumerate(inputs.args):
+        leaves = pytree.tree_leaves(a)
+        name = params[i].name if i < len(params) and len(leaves) == 1 and leaves[0] is a else None
+        out += [name] + [None] * (len(leaves) - 1)
+    for k, v in inputs.kwargs.items():
+        leaves = pytree.tree_leaves(v)
+        out += [k if len(leaves) == 1 and leaves[0] is v else None] + [None] * (len(leaves) - 1)
+    return out
+
+
+def _guard_checks(gm: GraphModule, ep: Any, names: list[str], inputs: Inputs,
+                  sources: list[str | None] = ()) -> tuple[list, bool]:
+    """The checks of :class:`InputGuards`, and whether every guard of the capture is in them.
+    ``sources``: the inputs' names in the guards' code, where they differ from ``names``."""
     checks: list[tuple[str, str]] = []
     symbols: dict[str, str] = {}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -241,8 +263,9 @@ def _guard_checks(gm: GraphModule, ep: Any, names: list[str], inputs: Inputs) ->
     for code in codes:
         actual = shown = code
         for i, name in enumerate(names):
-            actual = actual.replace(f"L['{name}']", f"args[{i}]")
-            shown = shown.replace(f"L['{name}']", name)
+            for called in {name, sources[i] if i < len(sources) else None} - {None}:
+                actual = actual.replace(f"L['{called}']", f"args[{i}]")
+                shown = shown.replace(f"L['{called}']", name)
         if "L[" in actual:
             complete = False
             continue
@@ -474,7 +497,7 @@ def capture(model: torch.nn.Module, example_inputs: Any, example_kwargs: dict | 
     want = _eager(model, inputs)
     ep, dynamic = _export(model, inputs)
     gm = ep.module()
-    out = _plain(gm, ep, inputs, dynamic)
+    out = _plain(gm, ep, inputs, dynamic, _source_names(model, inputs))
     try:
         with torch.no_grad():
             got = out(*inputs.args, **inputs.kwargs)
@@ -500,11 +523,12 @@ def capture(model: torch.nn.Module, example_inputs: Any, example_kwargs: dict | 
     return out
 
 
-def _plain(gm: GraphModule, ep: Any, inputs: Inputs, dynamic: bool) -> GraphModule:
+def _plain(gm: GraphModule, ep: Any, inputs: Inputs, dynamic: bool,
+           sources: list[str | None] = ()) -> GraphModule:
     """An ordinary GraphModule from ``ep.module()``: export's guard function (which cannot be
     pickled) becomes :class:`InputGuards`; the pytree calling convention stays."""
     names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-    checks, complete = _guard_checks(gm, ep, names, inputs)
+    checks, complete = _guard_checks(gm, ep, names, inputs, sources)
     nsp = inputs.spatial.dim() - 2
     vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
     # Export may specialise an "automatic" dim (a size written into the model): dynamic means
