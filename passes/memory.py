@@ -308,21 +308,21 @@ def _tile_signature(tile) -> tuple:
 def _region_step(region, args: tuple, workspace: str | None, external: set) -> tuple[Any, Step]:
     """A TiledRegion call as one step: its output buffers, and one tile's peak as scratch."""
     sched = region.schedule_for(region.input_sizes(args))
-    buffers: dict[str, torch.Tensor] = {}
+    buffers = region.new_buffers()
     body_peak = 0
     seen: set = set()
     outside = set(external) | {StorageWeakRef(t.untyped_storage()) for t in _tensors(args)}
     for tile in sched.tiles:
         sig = _tile_signature(tile)
-        if sig in seen and buffers:
-            continue
+        if sig in seen:
+            continue  # a tile shaped like one already simulated
         seen.add(sig)
-        ext = outside | {StorageWeakRef(b.untyped_storage()) for b in buffers.values()}
+        ext = outside | {StorageWeakRef(b.untyped_storage()) for b in _tensors(list(buffers.values()))}
         rec = _Recorder(region.body, workspace, external=ext)
         rec.run(*args, buffers, tile)
         peak, _, _ = liveness(rec.steps)
         body_peak = max(body_peak, peak)
-    outs = tuple(buffers[o] for o in region.spec.outputs)
+    outs = region.results(buffers)
     step = Step("", allocs=[(StorageWeakRef(b.untyped_storage()), b.untyped_storage().nbytes())
                             for b in outs], transient=body_peak)
     return outs, step

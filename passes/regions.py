@@ -94,12 +94,15 @@ class Phase:
 
 class Region(NamedTuple):
     """A region: its nodes in order, its outputs (assembled full-size), the shape queries only
-    it reads (``absorbed``), and its passes (one unless it is multi-pass)."""
+    it reads (``absorbed``), its passes (one unless it is multi-pass), and the statistics of
+    tensors it reads from before it (a norm of the region's stored input), as ``(statistic
+    node, source node)`` pairs: those are found over the stored tensor before the first pass."""
 
     nodes: list[Node]
     outputs: list[Node]
     absorbed: set[Node]
     phases: tuple[Phase, ...]
+    outer_statistics: tuple[tuple[Node, Node], ...] = ()
 
 
 def member_rule(n: Node, multipass: bool = False) -> SpatialRule | None:
@@ -254,9 +257,12 @@ def find_region(gm: GraphModule, merge_nodes: list[Node], start: Iterable[Node] 
         raise TilingError(  # pragma: no cover - the closure above keeps lists inside
             f"the region before {merge_nodes[0].format_node()} would output {lists[0].name}, a "
             "list of split pieces, not a tensor; please report this as a tilefx bug")
-    phases = phases_of(order, outputs, handled, stop) if multipass else (
-        Phase(tuple(order), tuple(outputs)),)
-    return Region(order, outputs, absorbed, phases)
+    if not multipass:
+        return Region(order, outputs, absorbed, (Phase(tuple(order), tuple(outputs)),))
+    phases = phases_of(order, outputs, handled, stop)
+    inside = set(order)
+    outer = tuple((n, n.args[0]) for n in order if not facts(n).spatial and n.args[0] not in inside)
+    return Region(order, outputs, absorbed, phases, outer)
 
 
 def _between(gm: GraphModule, region: set[Node], after: set[Node]) -> set[Node]:
@@ -280,7 +286,9 @@ def phases_of(order: list[Node], outputs: list[Node], handled: set[Node],
               stop: set[Node] = frozenset()) -> tuple[Phase, ...]:
     """Group a multi-pass region's statistics into passes: a statistic is found in the pass
     after every statistic its source depends on; what no region node reads waits for the last
-    pass (a global pooling at the region's end), which also writes the outputs.
+    pass (a global pooling at the region's end), which also writes the outputs. A norm whose
+    source comes from before the region has its moments before the first pass (not in any
+    pass's statistics: ``find_region``'s ``outer_statistics``).
 
     ``order``: the region's nodes in order; ``handled``: the reductions of region tensors the
     passes compute (the norms among ``order`` read their own moments)."""
@@ -299,17 +307,17 @@ def phases_of(order: list[Node], outputs: list[Node], handled: set[Node],
     for n in order:
         d = max((depth[u] for u in n.all_input_nodes if u in inside), default=0)
         for s in reads[n]:
-            level.setdefault(s, depth[s.args[0]] + 1)
+            level.setdefault(s, depth[s.args[0]] + 1 if s.args[0] in inside else 0)
             d = max(d, level[s])
         depth[n] = d
-    needed = set(level)
+    needed = {s for s, k in level.items() if k > 0}
     passes = max(level.values(), default=0)
     phases = []
     for k in range(1, passes + 2):
         last = k == passes + 1
         stats = [(s, s.args[0]) for s in needed if level[s] == k]
         if last:
-            stats += [(s, s.args[0]) for s in handled - needed]
+            stats += [(s, s.args[0]) for s in handled - set(level)]
         stats.sort(key=lambda p: index.get(p[0], index[p[1]]))
         targets = {src for _, src in stats} | (set(outputs) if last else set())
         members = ancestors_within(targets, inside)

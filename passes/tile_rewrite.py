@@ -20,7 +20,7 @@ import networkx as nx
 
 from ..capture import keep_calling_convention
 from ..errors import TilingError
-from ..kernels import LEAF_FUNCTIONS, halo_crop, reduce_tile, write_tile
+from ..kernels import LEAF_FUNCTIONS, group_moments, halo_crop, reduce_tile, write_tile
 from ..region import TiledRegion
 from ..rules import Barrier, SpatialRule
 from ..tiling import RegionNode, RegionSpec, min_input_extent, tile_grid
@@ -147,6 +147,9 @@ def tile_rewrite(gm: GraphModule, merge: Any, tiles: int | Iterable[int], halo: 
     # pass's result), and norms' moments (read by later passes' bodies).
     found_in: dict[Node, int] = {s: k for k, ph in enumerate(reg.phases) for s, _ in ph.statistics}
     replaced = {s for s in found_in if s not in in_region}
+    # Norms of tensors stored before the region: their moments are computed over the stored
+    # tensor in the outer graph, before the first pass reads them.
+    outer_stats = {s: ("__statistic__", s.name) for s, _ in reg.outer_statistics}
 
     existing = {n.target for n in gm.graph.nodes if n.op == "call_module"}
     k = 0
@@ -171,7 +174,10 @@ def tile_rewrite(gm: GraphModule, merge: Any, tiles: int | Iterable[int], halo: 
         for p in passes[k][1]:
             dag.add_edge(calls[found_in[p]] if p in replaced else p, c)
         for n in passes[k][2]:
-            dag.add_edge(calls[found_in[n]], c)
+            dag.add_edge(outer_stats[n] if n in outer_stats else calls[found_in[n]], c)
+    for s, src in reg.outer_statistics:
+        dag.add_edge(src, outer_stats[s])
+        index[outer_stats[s]] = (index[region[0]][0], 0)
     for n in keep:
         for u in n.all_input_nodes:
             if u in in_region:
@@ -183,7 +189,17 @@ def tile_rewrite(gm: GraphModule, merge: Any, tiles: int | Iterable[int], halo: 
     g = Graph()
     env: dict[Node, Node] = {}
     moments: dict[Node, Node] = {}
+    by_stat = {v: s for s, v in outer_stats.items()}
     for n in nx.lexicographical_topological_sort(dag, key=lambda v: index[v]):
+        if n in by_stat:
+            s = by_stat[n]
+            stat = facts(s).rule.statistic
+            r = g.create_node("call_function", group_moments, (env[s.args[0]], stat.groups, stat.eps, nsp),
+                              {}, name=f"{s.name}_moments")
+            r.meta["tilefx"] = _made(s.name, "statistic")
+            r.meta["is_wrapped"] = True
+            moments[s] = r
+            continue
         if n not in calls:
             env[n] = g.node_copy(n, lambda u: env[u])
             continue

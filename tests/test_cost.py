@@ -42,14 +42,22 @@ def test_measured_costs_cover_every_node_and_are_non_negative():
     conv = costs["conv2d"]
     # A convolution's fixed part is at least its dispatch (plus its weight reorder).
     assert conv.fixed_s >= min(CAL.call_s, conv.time(96 * 64)) - 1e-12
+    # Measured on the whole map and on tile-sized windows: the untiled call is the whole map's.
+    assert conv.full_px == 96 * 64 and conv.full_s > 0
+    assert conv.knee_px < conv.full_px
 
 
-def test_measured_costs_at_reduced_shape_for_large_inputs():
+def test_whole_map_measured_at_a_reduced_shape_for_large_inputs():
+    """Above full_max_pixels the whole map is timed at a smaller shape of the same aspect and
+    its time scaled to the example's positions."""
     x = torch.randn(1, 3, 160, 160)
-    gm = tilefx.prepare(net(), x)
-    costs = measure_node_costs(gm, x, CAL, max_pixels=40 * 40)
+    conv_net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 3)).eval()
+    gm = tilefx.prepare(conv_net, x)  # captured with dynamic spatial dims: it runs at 80x80
+    costs = measure_node_costs(gm, x, CAL, full_max_pixels=80 * 80)
     assert {n.name for n in _computed(gm)} <= set(costs)
-    assert costs["conv2d"].per_pixel_s >= 0
+    conv = costs["conv2d"]
+    assert conv.per_pixel_s >= 0 and conv.full_px == 160 * 160 and conv.untiled() > 0
+    assert conv.knee_px < 80 * 80  # windows of the 80x80 map the whole map was timed at
 
 
 def test_mac_costs_are_deterministic_and_scale_with_macs():
@@ -64,7 +72,12 @@ def test_mac_costs_are_deterministic_and_scale_with_macs():
 
 
 def test_node_cost_time():
-    assert NodeCost(1.0, 0.5).time(4, calls=3) == pytest.approx(5.0)
+    assert NodeCost(1.0, 0.5).time(4) == pytest.approx(3.0)
+    assert NodeCost(1.0, 0.5).untiled(4) == pytest.approx(3.0)  # no whole-map measurement
+    # Beyond the knee the time runs linearly to the whole map's measured call.
+    c = NodeCost(1.0, 0.5, full_s=20.0, full_px=20.0, knee_px=4.0)
+    assert c.time(4) == pytest.approx(3.0) and c.time(20) == pytest.approx(20.0)
+    assert c.time(12) == pytest.approx(11.5) and c.untiled() == 20.0
 
 
 def test_unknown_timing_is_a_tiling_error():

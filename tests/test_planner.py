@@ -28,11 +28,7 @@ def _setup(name, size):
     return model, x, tilefx.prepare(model, x)
 
 
-def _apply(gm, p):
-    out = gm
-    for r in p.regions:
-        out = tile_rewrite(out, r.merge, r.tiles, start=r.start)
-    return out
+_apply = tilefx.apply
 
 
 @functools.lru_cache(maxsize=None)
@@ -89,18 +85,29 @@ def test_plan_does_not_mutate_graph():
     assert gm.code == code
 
 
-def test_multi_region_plan_exact_and_predicted():
-    model, x, gm = _setup("mobilenet_v2", 224)
-    multi = [p for p in _plan("mobilenet_v2", 224).pareto() if len(p.regions) == 2]
-    assert multi, "expected a two-region plan on the frontier"
-    p = multi[-1]
-    tiled = _apply(gm, p)
-    with torch.no_grad():
-        torch.testing.assert_close(tiled(x), model(x), rtol=1e-4, atol=1e-4)
-    assert sum(1 for n in tiled.graph.nodes if n.op == "call_module" and "tiled_region" in n.target) == 2
-    measured = peak_memory(tiled, x)
-    assert abs(p.peak_bytes - measured) <= 0.10 * measured
-    assert abs(simulate(tiled, x).peak_bytes - measured) <= 0.10 * measured
+@pytest.mark.parametrize("name,predicted", [("mobilenet_v2", True), ("densenet121", False)])
+def test_multi_region_plans_exact_and_predicted(name, predicted):
+    """Plans chain several regions (each starting at the checkpoint the one before stored);
+    every plan on the frontier with more than two runs exactly, and its predicted peak is
+    the measured one within 10%. The static model over-predicted copying halo crops: it kept
+    a crop's source alive through the op although the copy frees it (MobileNetV2's depthwise
+    convolutions at the map's border: 3.84 MiB predicted for a 2.67 MiB tile)."""
+    model, x, gm = _setup(name, 224)
+    multi = [p for p in _plan(name, 224).pareto() if len(p.regions) > 2]
+    assert multi, "expected plans of more than two regions on the frontier"
+    for p in (multi[0], multi[-1]):
+        tiled = _apply(gm, p)
+        with torch.no_grad():
+            torch.testing.assert_close(tiled(x), model(x), rtol=1e-4, atol=1e-4)
+        calls = [n for n in tiled.graph.nodes if n.op == "call_module" and "tiled_region" in n.target]
+        assert len(calls) == len(p.regions)
+        if not predicted:
+            # DenseNet: the planner and the simulator agree, but both over-predict the 1x1
+            # convolutions on concatenated windows by ~12% (oneDNN's input reorder model).
+            continue
+        measured = peak_memory(tiled, x)
+        assert abs(p.peak_bytes - measured) <= 0.10 * measured
+        assert abs(simulate(tiled, x).peak_bytes - measured) <= 0.10 * measured
 
 
 def test_pareto_plans_apply_and_match_their_prediction():
@@ -177,9 +184,11 @@ def test_unet_levels_are_region_ends_with_their_skips_as_outputs():
     m, x = _TinyUNet().eval(), torch.randn(1, 3, 64, 64)
     gm = tilefx.prepare(m, x)
     model = plan_model.StaticModel(gm, tilefx.capture.as_inputs(x), CAL, "macs")
-    ends = [model.nodes[i].name for i in model.skip_ends]
-    assert ends == ["conv2d_2"]  # e3, with s1 and s2 alive
-    seg = model.segment(0, model.skip_ends[0])
+    levels = [b for b in model.boundaries if len(b.alive) > 1]
+    names = [model.nodes[b.position].name for b in levels]
+    assert names[0] == "conv2d_2"  # e3, with s1 and s2 alive (then the decoder's upsamplings)
+    assert [t.name for t in levels[0].alive] == ["relu", "relu_1"]
+    seg = model.segment(model.boundaries[0], levels[0])
     assert {o.name for o in seg.outputs} == {"relu", "relu_1"}
     tiled = tile_rewrite(gm, "conv2d_2", (2, 2))
     with torch.no_grad():
@@ -207,7 +216,8 @@ def test_a_split_list_is_never_a_cut():
     gm = tilefx.prepare(m, x)
     model = plan_model.StaticModel(gm, tilefx.capture.as_inputs(x), CAL, "macs")
     split = next(n for n in gm.graph.nodes if "split" in str(n.target))
-    assert all(split not in model.nodes[c].all_input_nodes for c in model.cuts)
+    assert all(split not in model.nodes[b.position].all_input_nodes for b in model.boundaries)
+    assert all(split not in b.alive for b in model.boundaries)
     for p in planner.plan(gm, x, tiles=(2, 2), **TIMING).pareto():
         with torch.no_grad():
             # float32 through two convolutions: tile summation order, ~1e-6.
@@ -264,8 +274,9 @@ def test_a_region_can_start_after_the_last_skip():
     m, x = _TailNet().eval(), torch.randn(1, 3, 64, 64)
     gm = tilefx.prepare(m, x)
     model = plan_model.StaticModel(gm, tilefx.capture.as_inputs(x), CAL, "macs")
-    assert "upsample_nearest2d_1" in [model.nodes[c].name for c in model.cuts]
-    tails = [p for p in planner.frontier(gm, x, **TIMING) if p.regions and p.regions[0].start]
+    assert "upsample_nearest2d_1" in [model.nodes[b.position].name for b in model.boundaries]
+    tails = [p for p in planner.frontier(gm, x, **TIMING)
+             if p.regions and p.regions[0].start == ("relu_2",)]  # after the concat of the skip
     assert tails, "no plan starts after the skips"
     p = min(tails, key=lambda p: p.peak_bytes)
     assert p.peak_bytes < p.baseline_peak_bytes

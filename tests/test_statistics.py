@@ -96,6 +96,26 @@ def test_between_tile_term_is_what_makes_it_exact():
     assert abs(naive - var.item()) / var.item() > 0.5
 
 
+def test_the_end_to_end_check_fails_without_the_between_tile_term(monkeypatch):
+    """The bright/dark input makes the multi-pass check sensitive to the combination: with
+    per-tile variances merely pooled (the between-tile term dropped, as tiled-VAE tools do),
+    the tiled output leaves the tolerance by far."""
+    import tilefx.statistics as st
+
+    m, x = _model(), bright_and_dark()
+    gm = tilefx.prepare(m, x)
+    tiled = tile_rewrite(gm, _output(gm), 2, multipass=True)
+    torch.testing.assert_close(tiled(x), m(x), **TOL[torch.float32])
+
+    def pooled(na, mean_a, m2_a, nb, mean_b, m2_b):
+        n = na + nb
+        return n, (mean_a * na + mean_b * nb) / n, m2_a + m2_b
+
+    monkeypatch.setattr(st, "combine_moments", pooled)
+    err = (tiled(x) - m(x)).abs().max().item()
+    assert err > 100 * TOL[torch.float32]["atol"], err
+
+
 def test_regions_stop_at_statistics_unless_multipass():
     m, x = _model(), bright_and_dark()
     gm = tilefx.prepare(m, x)

@@ -2,8 +2,8 @@
 
 from .errors import TilingError
 from .region import TiledRegion
-from .api import TilePass, compare, explain, plan, prepare, transform
+from .api import TilePass, apply, compare, explain, plan, prepare, transform
 
-__all__ = ["TilingError", "TiledRegion", "TilePass", "transform", "prepare", "plan", "explain",
-           "compare"]
+__all__ = ["TilingError", "TiledRegion", "TilePass", "transform", "prepare", "plan", "apply",
+           "explain", "compare"]
 __version__ = "0.1.0"

@@ -25,7 +25,7 @@ from .region import TiledRegion
 from .statistics import describe
 from .tiling import read_window, tile_grid
 
-__all__ = ["transform", "prepare", "plan", "explain", "compare", "Comparison", "reference_input",
+__all__ = ["transform", "prepare", "plan", "apply", "explain", "compare", "Comparison", "reference_input",
            "TilePass"]
 
 #: Spatial extent of the reference input used when transform() is given no example.
@@ -127,6 +127,24 @@ def transform(model: torch.nn.Module, example_inputs: Any = None,
     elif not isinstance(plan, planner.Plan):
         raise TilingError(f"plan= takes a tilefx.planner.Plan (from tilefx.plan), got "
                           f"{type(plan).__name__}")
+    out = apply(gm, plan, halo=halo)
+    out.meta["tilefx_example_shape"] = tuple(inputs.spatial.shape)
+    return out
+
+
+def apply(gm: GraphModule, plan: "planner.Plan", halo: bool = True) -> GraphModule:
+    """Apply ``plan``'s regions, in order, to ``gm`` (annotated, from :func:`prepare`).
+
+    Every region is one ``tile_rewrite`` (its merge node(s), tile grid, the tensors it starts
+    after, and whether it runs in passes); ``gm`` is not modified. ``halo=False`` is the
+    approximate mode. The result carries the plan (``explain``).
+
+    >>> import torch, torchvision, tilefx
+    >>> m = torchvision.models.resnet18().eval(); x = torch.randn(1, 3, 128, 128)
+    >>> gm = tilefx.prepare(m, x)
+    >>> p = tilefx.plan(m, x, max_overhead=1.0)
+    >>> torch.testing.assert_close(apply(gm, p)(x), m(x))
+    """
     out = gm
     for region in plan.regions:
         out = tile_rewrite(out, region.merge, region.tiles, halo=halo, start=region.start,
@@ -134,7 +152,6 @@ def transform(model: torch.nn.Module, example_inputs: Any = None,
     if out is gm:  # nothing worth tiling: an untiled copy, still an ordinary GraphModule
         out = tile_rewrite_copy(gm)
     out.meta["tilefx_plan"] = plan
-    out.meta["tilefx_example_shape"] = tuple(inputs.spatial.shape)
     return out
 
 
@@ -326,18 +343,43 @@ def explain(gm: GraphModule, file: TextIO | None = sys.stdout) -> str:
             lines.append("  finds exactly: " + "; ".join(
                 f"{s}: {describe(stat)}" for s, stat in region.statistics))
         lines.append(f"  region outputs: {', '.join(region.writes) or '- (a pass that finds statistics)'}")
+        stored = _checkpoints(call, by_target) if call is not None else {}
+        if stored:
+            lines.append("  checkpoints (stored full-size, read by later regions): " + "; ".join(
+                f"{o} -> {', '.join(r)}" for o, r in stored.items()))
         if shape is not None and region.halo and call is not None:
             lines.extend("  " + s for s in _halo_lines(region, call, shape))
     plan = gm.meta.get("tilefx_plan")
     if plan is not None and plan.predicted:
+        calls = [n for n, _ in regions]
+        passes = sum(1 for n in calls if "_pass" in n)
+        lines.append(f"plan: {len(plan.regions)} region(s), {len(calls)} tile loop(s) "
+                     f"({passes} of them statistics passes)")
         lines.append(f"predicted peak: {_mib(plan.peak_bytes)} tiled vs "
                      f"{_mib(plan.baseline_peak_bytes)} untiled "
                      f"({plan.baseline_peak_bytes / max(plan.peak_bytes, 1):.1f}x lower); "
-                     f"extra compute {plan.extra_compute:+.1%}")
+                     f"extra compute {plan.extra_compute:+.1%}; predicted time {plan.overhead:+.1%}")
     text = "\n".join(lines)
     if file is not None:
         print(text, file=file)
     return text
+
+
+def _checkpoints(call, by_target: dict) -> dict[str, list[str]]:
+    """The outputs of a region call that later region calls read: stored full-size between
+    them (what a multi-region plan stores instead of recomputing)."""
+    out: dict[str, list[str]] = {}
+    for item in call.users:
+        later = sorted({u.target for u in item.users if u.op == "call_module"
+                        and isinstance(by_target.get(u.target) and _module_of(u), TiledRegion)})
+        if later:
+            out[item.name] = later
+    return out
+
+
+def _module_of(n):
+    root = n.graph.owning_module
+    return root.get_submodule(n.target) if root is not None else None
 
 
 def _named(n) -> str:

@@ -21,7 +21,9 @@ Two sources for the per-node costs:
 
 from __future__ import annotations
 
+import collections
 import functools
+import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -38,11 +40,23 @@ from .passes.receptive_field import facts
 from .rules import SpatialRule
 
 __all__ = ["Calibration", "NodeCost", "calibrate", "measure_node_costs", "mac_node_costs",
-           "MEASURE_MAX_PIXELS"]
+           "clear_measurements",
+           "FULL_MAX_PIXELS", "TILE_SCALES", "FINE_TILE_SCALES"]
 
-#: Largest input (spatial positions) :func:`measure_node_costs` times at; larger inputs are
-#: timed at a reduced shape with the same aspect, so planning a 2048x2048 input stays quick.
-MEASURE_MAX_PIXELS = 320 * 320
+#: Largest whole map (spatial positions) :func:`measure_node_costs` times; larger inputs are
+#: timed at a reduced shape with the same aspect and scaled, so planning a 4096x4096 input
+#: stays quick.
+FULL_MAX_PIXELS = 1024 * 1024
+#: Tile-sized windows the time model measures each node on, as fractions of the map's extent
+#: per axis: grids of 2 to 8 tiles per axis run on windows of about these sizes (the finer pair
+#: for maps of at least :data:`FINE_SCALES_FROM` positions per axis).
+TILE_SCALES = (0.5, 0.25)
+FINE_TILE_SCALES = (0.25, 0.125)
+FINE_SCALES_FROM = 512
+#: The smallest side of a tile-sized measurement.
+MIN_TILE_SIDE = 16
+#: A whole-map run slower than this is timed once (the tile-sized shapes are repeated).
+SLOW_FULL_RUN_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -64,13 +78,38 @@ class Calibration:
 
 @dataclass(frozen=True)
 class NodeCost:
-    """One call of a node: ``fixed_s + per_pixel_s * output positions`` seconds."""
+    """One call of a node as a function of the positions it computes.
+
+    On a tile-sized window a call costs ``fixed_s + per_pixel_s * positions`` (fitted through
+    measurements at tile-sized shapes); beyond ``knee_px`` positions the time runs linearly to
+    ``full_s``, the call measured on the whole map at ``full_px`` positions (where the map no
+    longer fits in cache, a position costs more than on a tile). ``untiled()`` is the whole
+    map's call. A cost with no measurement on the whole map is linear everywhere.
+
+    >>> c = NodeCost(1e-5, 1e-8, full_s=2e-2, full_px=1e6, knee_px=1e5)
+    >>> round(c.time(1e4), 9), round(c.untiled(), 9)
+    (0.00011, 0.02)
+    """
 
     fixed_s: float
     per_pixel_s: float
+    full_s: float | None = None
+    full_px: float = 0.0
+    knee_px: float = math.inf
 
-    def time(self, pixels: float, calls: int = 1) -> float:
-        return calls * self.fixed_s + self.per_pixel_s * pixels
+    def time(self, pixels: float) -> float:
+        """One call on ``pixels`` positions."""
+        if pixels <= self.knee_px or self.full_s is None or self.full_px <= self.knee_px:
+            return self.fixed_s + self.per_pixel_s * pixels
+        at_knee = self.fixed_s + self.per_pixel_s * self.knee_px
+        slope = (self.full_s - at_knee) / (self.full_px - self.knee_px)
+        return at_knee + slope * (pixels - self.knee_px)
+
+    def untiled(self, pixels: float | None = None) -> float:
+        """The call on the whole map (``pixels``: its positions, for a cost measured without one)."""
+        if self.full_s is not None:
+            return self.full_s
+        return self.time(pixels or 0.0)
 
 
 def _fastest(fns, rounds: int = 15) -> list[float]:
@@ -137,26 +176,68 @@ def _fixed(n: Node, cal: Calibration, weight_bytes: Mapping[str, int]) -> float:
 
 
 class _Timer(torch.fx.Interpreter):
-    def __init__(self, gm: GraphModule, nsp: int):
+    """Runs the graph once, timing every node on the whole map and, for the spatial ones, again
+    on tile-sized windows of its spatial inputs (each cut to ``scales`` of its extent per axis),
+    as a tile body would call it."""
+
+    def __init__(self, gm: GraphModule, nsp: int, scales: tuple[float, ...] = TILE_SCALES):
         super().__init__(gm, garbage_collect_values=True)
         self.nsp = nsp
+        self.scales = scales
         self.seconds: dict[str, float] = {}
         self.pixels: dict[str, int] = {}
+        #: per node, per tile scale: (output positions, fastest seconds)
+        self.windows: dict[str, dict[float, tuple[int, float]]] = {}
         self.cuda = False
+
+    def _call(self, n: Node, args: tuple, kwargs: dict) -> tuple[Any, float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = getattr(self, n.op)(n.target, args, kwargs)
+        if self.cuda:
+            torch.cuda.synchronize()
+        return out, time.perf_counter() - t0
 
     def run_node(self, n: Node) -> Any:
         if n.op in ("placeholder", "get_attr", "output"):
             return super().run_node(n)
-        if self.cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = super().run_node(n)
-        if self.cuda:
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        out, dt = self._call(n, args, kwargs)
         self.seconds[n.name] = min(dt, self.seconds.get(n.name, math.inf))
-        self.pixels[n.name] = _pixels(out, self.nsp)
+        px = self.pixels[n.name] = _pixels(out, self.nsp)
+        rule = facts(n).rule if "tilefx" in n.meta else None
+        if isinstance(rule, SpatialRule) and px > 0:
+            self._time_windows(n, rule, args, kwargs, px)
         return out
+
+    def _time_windows(self, n: Node, rule: SpatialRule, args: tuple, kwargs: dict, px: int) -> None:
+        spatial = {name for name, _ in rule.inputs}
+        for f in self.scales:
+            def cut(node_arg: Any, value: Any) -> Any:
+                if not (isinstance(node_arg, Node) and node_arg.name in spatial
+                        and isinstance(value, torch.Tensor) and value.dim() >= self.nsp + 2):
+                    return value
+                for ax in range(value.dim() - self.nsp, value.dim()):
+                    L = value.shape[ax]
+                    value = value.narrow(ax, 0, max(int(L * f), min(L, MIN_TILE_SIDE)))
+                return value.contiguous()
+
+            try:
+                a = tuple(cut(na, v) for na, v in zip(n.args, args))
+                k = {key: cut(n.kwargs.get(key), v) for key, v in kwargs.items()}
+                # The first call on a new shape pays oneDNN's primitive creation, which a tile
+                # grid pays once for all its tiles: warm, then keep the faster of two.
+                self._call(n, a, k)
+                out, dt = self._call(n, a, k)
+                dt = min(dt, self._call(n, a, k)[1])
+            except Exception:  # an op whose other arguments fix the shape (a view, a size)
+                return
+            p = _pixels(out, self.nsp)
+            if not 0 < p < px:
+                return  # the output did not shrink with its input (an interpolation to a size)
+            best = self.windows.setdefault(n.name, {}).get(f, (p, math.inf))[1]
+            self.windows[n.name][f] = (p, min(dt, best))
 
 
 def _reduced(inputs: Inputs, max_pixels: int) -> Inputs:
@@ -179,65 +260,112 @@ def _reduced(inputs: Inputs, max_pixels: int) -> Inputs:
     return Inputs(*pytree.tree_map(cut, (inputs.args, inputs.kwargs)))
 
 
-def _time_nodes(gm: GraphModule, inputs: Inputs, repeats: int) -> _Timer:
+def _time_nodes(gm: GraphModule, inputs: Inputs, repeats: int, slow_s: float) -> _Timer:
+    """Time every node ``repeats`` times (the fastest is kept: the first run pays oneDNN's
+    primitive creation, and load that comes and goes slows one run), twice only when one run
+    takes over ``slow_s``."""
     x = inputs.spatial
-    timer = _Timer(gm, x.dim() - 2)
+    fine = min(x.shape[2:]) >= FINE_SCALES_FROM
+    timer = _Timer(gm, x.dim() - 2, FINE_TILE_SCALES if fine else TILE_SCALES)
     timer.cuda = x.device.type == "cuda"
     with torch.no_grad():
-        for _ in range(repeats):
+        for r in range(max(repeats, 2)):
+            t0 = time.perf_counter()
             timer.run(*inputs.flat)
+            if r >= 1 and time.perf_counter() - t0 > slow_s:
+                break
     return timer
 
 
 def measure_node_costs(gm: GraphModule, example_inputs: Any, cal: Calibration, *,
-                       weight_bytes: Mapping[str, int] = {}, max_pixels: int = MEASURE_MAX_PIXELS,
+                       weight_bytes: Mapping[str, int] = {}, full_max_pixels: int = FULL_MAX_PIXELS,
                        repeats: int = 3) -> dict[str, NodeCost]:
-    """Time each node of ``gm`` on this machine and split it into fixed and per-pixel parts.
+    """Time each node of ``gm`` on this machine, on the whole map and on tile-sized windows.
 
-    ``gm`` must carry receptive-field facts (``annotate``). Every node is timed at two shapes,
-    the example's (or, above ``max_pixels`` positions, a reduced one with the same aspect) and
-    half of it per axis, and ``fixed + per_pixel * positions`` is fitted through both: the
-    fixed part then also holds what small windows lose in kernel efficiency, which a tile
-    grid pays per tile. Where the model cannot run at the half shape (a size fixed in the
-    graph), one shape is timed and the fixed part is the call's dispatch and weight reorder.
-    ``weight_bytes`` maps convolution nodes to their weights' bytes (``passes.memory.record``'s
-    ``w_bytes``), which oneDNN reorders on every call. ``example_inputs`` as for
-    ``tilefx.capture.capture``.
+    ``gm`` must carry receptive-field facts (``annotate``). Every node is timed on the whole
+    map (inputs above ``full_max_pixels`` positions at a reduced shape with the same aspect,
+    scaled to the example's positions), and every spatial node again on windows of its inputs
+    cut to :data:`TILE_SCALES` of their extent, as tile bodies call it. The windows give
+    ``fixed + per_pixel * positions`` (the fixed part also holds what small windows lose in
+    kernel efficiency, which every tile pays); the whole map gives the untiled call (on a large
+    map a position costs more than on a tile, which stays in cache). A node that cannot run on
+    a window (its other arguments fix its shape) is timed on the whole map only, and its fixed
+    part is the call's dispatch and weight reorder. ``weight_bytes`` maps convolution nodes to
+    their weights' bytes (``passes.memory.record``'s ``w_bytes``), which oneDNN reorders on
+    every call. ``example_inputs`` as for ``tilefx.capture.capture``.
     """
     inputs = as_inputs(example_inputs)
-    small = _reduced(inputs, max_pixels)
+    key = _measurement_key(gm, inputs, cal, weight_bytes, full_max_pixels, repeats)
+    if key in _MEASURED:
+        _MEASURED.move_to_end(key)
+        return dict(_MEASURED[key])
+    costs = _measure(gm, inputs, cal, weight_bytes, full_max_pixels, repeats)
+    _MEASURED[key] = costs
+    while len(_MEASURED) > _MEASURED_KEPT:
+        _MEASURED.popitem(last=False)
+    return dict(costs)
+
+
+#: Measured costs per graph, shape and machine constants, kept for the life of the process
+#: (plain floats: no graph, tensor or weight is held), so the same model at the same shape
+#: plans the same, run after run, and a second plan costs no second measurement.
+_MEASURED: "collections.OrderedDict[tuple, dict[str, NodeCost]]" = collections.OrderedDict()
+_MEASURED_KEPT = 32
+
+
+def clear_measurements() -> None:
+    """Forget the per-process cache of measured node costs (the next plan measures afresh)."""
+    _MEASURED.clear()
+
+
+def _measurement_key(gm: GraphModule, inputs: Inputs, *settings: Any) -> tuple:
+    def sig(t: Any) -> Any:
+        return (tuple(t.shape), t.dtype, t.device.type, t.is_contiguous()) if isinstance(t, torch.Tensor) else repr(t)
+
+    params = tuple((k, sig(v)) for k, v in itertools.chain(gm.named_parameters(), gm.named_buffers()))
+    return (gm.code, params, tuple(sig(t) for t in inputs.flat),
+            repr(settings), torch.get_num_threads())
+
+
+def _measure(gm: GraphModule, inputs: Inputs, cal: Calibration, weight_bytes: Mapping[str, int],
+             full_max_pixels: int, repeats: int) -> dict[str, NodeCost]:
+    run_at = _reduced(inputs, full_max_pixels)
     try:
-        big = _time_nodes(gm, small, repeats)
+        timer = _time_nodes(gm, run_at, repeats, SLOW_FULL_RUN_S)
     except Exception:  # the capture holds only at the example's shape
-        if small is inputs:
+        if run_at is inputs:
             raise
-        big = _time_nodes(gm, inputs, repeats)
-        small = inputs
-    half_sizes = math.prod(max(L // 2, 1) for L in small.spatial.shape[2:])
-    try:
-        half = _time_nodes(gm, _reduced(small, half_sizes), repeats)
-    except Exception:
-        half = None
+        run_at = inputs
+        timer = _time_nodes(gm, run_at, repeats, SLOW_FULL_RUN_S)
+    scale = math.prod(inputs.spatial.shape[2:]) / max(math.prod(run_at.spatial.shape[2:]), 1)
     costs = {}
     for n in gm.graph.nodes:
-        if n.name not in big.seconds:
+        if n.name not in timer.seconds:
             continue
-        t1, p1 = big.seconds[n.name], big.pixels[n.name]
+        t1, p1 = timer.seconds[n.name], timer.pixels[n.name]
         spatial = "tilefx" in n.meta and facts(n).spatial and p1 > 0
         if not spatial:
-            costs[n.name] = NodeCost(t1, 0.0)
+            costs[n.name] = NodeCost(t1, 0.0, full_s=t1)
             continue
         floor = min(_fixed(n, cal, weight_bytes), t1)
-        fixed, per_pixel = floor, (t1 - floor) / p1
-        if half is not None and n.name in half.seconds and 0 < half.pixels[n.name] < p1:
-            t2, p2 = half.seconds[n.name], half.pixels[n.name]
-            slope = (t1 - t2) / (p1 - p2)
-            if slope > 0:
-                fitted = t1 - slope * p1
-                # Noise can put the intercept below the call's own cost or above the time.
-                fixed = min(max(fitted, floor), t1)
-                per_pixel = (t1 - fixed) / p1
-        costs[n.name] = NodeCost(fixed, per_pixel)
+        points = sorted(dict(timer.windows.get(n.name, {}).values()).items())  # distinct sizes
+        if len(points) >= 2:
+            (pa, ta), (pb, tb) = points[0], points[-1]
+        elif points:
+            (pa, ta), (pb, tb) = points[0], (p1, t1)
+        else:
+            costs[n.name] = NodeCost(floor, (t1 - floor) / p1, full_s=t1 * scale, full_px=p1 * scale)
+            continue
+        slope = max((tb - ta) / (pb - pa), 0.0) if pb > pa else 0.0
+        # Noise can put the intercept below the call's own cost or above the time.
+        fixed = min(max(tb - slope * pb, floor), tb)
+        per_pixel = (tb - fixed) / pb
+        # The whole map at the example's positions: a measurement at a reduced shape grows
+        # linearly (at the rate between the largest window and the map).
+        big_slope = max((t1 - tb) / (p1 - pb), 0.0) if p1 > pb else per_pixel
+        full_s = t1 + big_slope * (p1 * scale - p1)
+        costs[n.name] = NodeCost(fixed, per_pixel, full_s=full_s, full_px=p1 * scale,
+                                 knee_px=pb if pb < p1 else math.inf)
     return costs
 
 

@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 
 from .errors import TilingError
+from .statistics import Accumulator, Statistic
 
 __all__ = ["Slice", "Gather", "halo_crop", "place", "write_tile", "window_interpolate",
            "window_avg_pool", "window_view", "add_channel_bias", "reduce_tile", "norm_apply",
-           "LEAF_FUNCTIONS"]
+           "group_moments", "LEAF_FUNCTIONS"]
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,24 @@ def reduce_tile(accumulators: dict, tile: Any, name: str, value: torch.Tensor,
     part = _crop_view(value, tile.pieces[name].table)
     for s in statistics:
         accumulators[s].add(part)
+
+
+def group_moments(x: torch.Tensor, groups: int, eps: float, nsp: int) -> torch.Tensor:
+    """Group moments of a whole stored map, ``(N, groups, 2)``: mean and 1/sqrt(var + eps),
+    accumulated exactly as a multi-pass region's tiles are (float32 or wider, Chan's formula),
+    over bands of rows so that upcasting a float16 map never copies it whole.
+
+    >>> x = torch.randn(1, 4, 10, 6)
+    >>> var, mean = torch.var_mean(x.view(1, 2, -1), dim=-1, correction=0)
+    >>> torch.testing.assert_close(group_moments(x, 2, 1e-5, 2)[..., 0], mean)
+    """
+    acc = Accumulator(Statistic("moments", groups=groups, eps=eps), nsp)
+    axis = x.dim() - nsp
+    rows = x.shape[axis]
+    band = max(1, -(-rows // 8))
+    for lo in range(0, rows, band):
+        acc.add(x.narrow(axis, lo, min(band, rows - lo)))
+    return acc.result()
 
 
 def norm_apply(x: torch.Tensor, moments: torch.Tensor, weight: torch.Tensor | None,
@@ -257,4 +276,4 @@ def add_channel_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor
 # then starts with ``wrap("<kernel>")`` lines, so when ``torch.load`` (GraphModule.__reduce__)
 # re-traces that code, the kernels stay leaves instead of being traced into.
 LEAF_FUNCTIONS = (halo_crop, place, write_tile, window_interpolate, window_avg_pool, window_view,
-                  add_channel_bias, reduce_tile, norm_apply)
+                  add_channel_bias, reduce_tile, norm_apply, group_moments)

@@ -5,12 +5,14 @@ The planner never runs the model's kernels per candidate. It times the untiled g
 aliases, bytes, MACs, scratch memory), then scores each candidate region with integer window
 arithmetic:
 
-* **Cuts.** A merge candidate is a node before which exactly one computed tensor is alive and
-  read later (a single-tensor cut: ResNet's block boundaries, MobileNet's block outputs and the
-  convolutions inside blocks with no residual, and the graph's output when it reads a spatial
-  tensor: a segmentation network can be tiled whole), or a U-Net level (a downsampling with at
-  most :data:`MAX_SKIPS` skips alive). A region spans the spatial ancestors of the merge node
-  after the previous region's cut.
+* **Boundaries.** A region starts and ends at a boundary (:class:`Boundary`): a place before
+  which exactly one computed tensor is alive and read later (a single-tensor cut: ResNet's
+  block boundaries, MobileNet's block outputs and the convolutions inside blocks with no
+  residual, and the graph's output when it reads a spatial tensor: a segmentation network can
+  be tiled whole), or a U-Net level (a downsampling or an upsampling with at most
+  :data:`MAX_SKIPS` skips alive). A region from boundary ``a`` to merge node ``b`` holds the
+  spatial ancestors of ``b`` after the tensors stored across ``a``; it writes the tensors alive
+  across ``b`` that it computes, full-size.
 * **Memory.** Windows are separable per axis (a tile's window is the product of per-axis
   intervals), so the windows of a ``t``-way split are computed once per axis and the bytes of
   every node in every tile are outer products. One tile's liveness follows the body the rewrite
@@ -18,11 +20,11 @@ arithmetic:
   the map (then ``F.pad`` copies it), plus the CPU scratch model of ``passes.memory``. The
   region call holds its full-size output buffers and the largest tile; the rest of the graph is
   the untiled liveness, so a plan's peak is the max over the outer steps.
-* **Time.** Every node costs ``fixed + per_pixel x positions`` per call (``tilefx.cost``): by
-  default measured once on the untiled graph (the one time the planner runs kernels), or from
-  MACs alone with ``timing="macs"``. A region on ``T`` tiles pays each node's fixed part ``T``
-  times and its per-pixel part on every window (halos included), plus a crop and a write call
-  per window op and region output per tile.
+* **Time.** Every node's call is timed on the whole map and on tile-sized windows
+  (``tilefx.cost``: the one time the planner runs kernels), or predicted from MACs alone with
+  ``timing="macs"``. A region on ``T`` tiles pays every node's call on every tile's window
+  (halos included) at the tile-sized rate, plus a crop and a write call per window op and
+  region output per tile, in place of the untiled calls on the whole map.
 
 The model holds the graph only while the planner runs: its caches live on the instance, so
 dropping the model frees the graph and the weights it references.
@@ -43,12 +45,11 @@ from .cost import Calibration, NodeCost, mac_node_costs, measure_node_costs
 from .errors import TilingError
 from .passes.memory import Step, liveness, record
 from .passes.receptive_field import facts
-from .passes.regions import (Region, ancestors_within, find_region, member_rule, phases_of,
-                             tensor_valued)
+from .passes.regions import find_region, member_rule, tensor_valued
 from .rules import SpatialRule
 from .tiling import RegionNode, propagate_axis, split
 
-__all__ = ["StaticModel", "Segment", "TileCost", "tile_cost", "outer_peaks", "MAX_SKIPS"]
+__all__ = ["StaticModel", "Segment", "Boundary", "TileCost", "tile_cost", "MAX_SKIPS"]
 
 #: Skip tensors a region ending at a downsampling may leave alive (U-Net levels).
 MAX_SKIPS = 3
@@ -82,6 +83,23 @@ class Segment:
     #: reduces as outputs); None for a single-pass region
     phases: "list[Segment] | None" = None
     key: tuple = ()  # the windows cache's key of a segment with its own windows
+    #: norms whose input the region reads from before it: their moments are computed over the
+    #: stored input before the first pass
+    outer_statistics: tuple[Node, ...] = ()
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """A place between two nodes where a plan may switch between untiled layers and a region.
+
+    ``position`` is the index (in ``StaticModel.nodes``) of the first node after it; ``alive``
+    the tensors computed before it and read at or after it, stored full-size: a region starting
+    here reads them, one ending here writes those it computes (its checkpoints). Position 0 is
+    the graph's input (nothing stored); the last boundary is the graph's output node.
+    """
+
+    position: int
+    alive: tuple[Node, ...]
 
 
 class StaticModel:
@@ -94,7 +112,6 @@ class StaticModel:
         self._regions: dict[int, list[Node]] = {}
         self._windows: dict[tuple[int, ...], Any] = {}
         self._segments: dict[tuple[int, int, bool], Segment | None] = {}
-        self._mregions: dict[int, Region | None] = {}
         self.nodes = list(gm.graph.nodes)
         self.index = {n: i for i, n in enumerate(self.nodes)}
         rec = record(gm, *inputs.flat)
@@ -117,11 +134,23 @@ class StaticModel:
                                         weight_bytes=weight_bytes)
         else:
             raise TilingError(f"timing={timing!r}: use 'measured' (default) or 'macs'")
-        self.base_time = sum(self.cost(n).time(self.positions(n)) for n in self.nodes)
-        self.cuts = self._cuts()
+        self.base_time = sum(self.untiled_time(n) for n in self.nodes)
+        self.step_pos = [self.index[self.by_name[st.name]] for st in self.steps]
+        self.storage_bytes = {k: b for st in self.steps for k, b in st.allocs}
+        self.baseline_curve = [v for _, v in liveness(self.steps, self.keep)[2]]
+        self.boundaries = self._boundaries()
+        # Statistics over space before each position: a multi-pass region needs one inside it.
+        self._stats_before = [0]
+        for n in self.nodes:
+            r = facts(n).rule if "tilefx" in n.meta else None
+            self._stats_before.append(self._stats_before[-1] + int(getattr(r, "statistic", None) is not None))
 
     def cost(self, n: Node) -> NodeCost:
         return self.costs.get(n.name, NodeCost(0.0, 0.0))
+
+    def untiled_time(self, n: Node) -> float:
+        """Seconds of ``n``'s call on the whole map (the untiled model's)."""
+        return self.cost(n).untiled(self.positions(n))
 
     def positions(self, n: Node) -> int:
         """Spatial positions of ``n``'s output at the example shape (0 for non-spatial nodes)."""
@@ -137,65 +166,76 @@ class StaticModel:
             return 0.0
         return tm.shape.numel() * tm.dtype.itemsize / math.prod(sizes)
 
-    def _cuts(self) -> list[int]:
-        """Positions of single-tensor cuts whose node reads the crossing tensor.
+    def _boundaries(self) -> list[Boundary]:
+        """Where a plan may switch between untiled layers and regions (see :class:`Boundary`).
 
-        Only cuts before a window op (convolution, pooling), an upsampling, or at a tensor read
-        twice (a block input) are kept: a cut before a pointwise op buffers a tensor as large
-        as the one before it and saves nothing.
+        Single-tensor cuts are kept only before a window op (convolution, pooling), an
+        upsampling, the graph's output, or at a tensor read twice (a block input): a cut before
+        a pointwise op stores a tensor as large as the one before it and saves nothing. Where
+        several tensors are alive (a U-Net's current map and its skips), a level is a boundary
+        before a downsampling (the encoder) or an upsampling (the decoder), with at most
+        :data:`MAX_SKIPS` skips alive.
         """
         last: dict[Node, int] = {}
         for n in self.nodes:
             for u in n.all_input_nodes:
                 last[u] = self.index[n]
-        cuts = []
-        self.cut_bytes = {}
-        self.cut_tensor: dict[int, Node] = {}  # the one tensor alive across each cut
-        self.skip_ends = []
+        out = [Boundary(0, ())]
         alive: set[Node] = set()
         for i, n in enumerate(self.nodes):
             alive = {u for u in alive if last.get(u, -1) >= i}
             # Only tensors count: shape scalars (SymInts of a dynamic capture) stay alive to
             # the end of many graphs, and a region reads them as they are.
-            ins = [u for u in n.all_input_nodes if u.op != "get_attr" and tensor_valued(u)]
-            if (1 < len(alive) <= MAX_SKIPS + 1 and _downsamples(facts(n).rule)
-                    and all(facts(u).spatial for u in alive)):
-                # A U-Net's encoder: the tensors alive across a downsampling are the current map
-                # and the skips the decoder reads later. A region can end here with every one
-                # of them as an output (assembled full-size), only as a plan's last region.
-                self.skip_ends.append(i)
-            if len(alive) == 1 and i > 0 and ins and set(ins) <= alive:
-                (t,) = alive
-                rule = facts(n).rule
-                window = _window(rule)
-                # The output is a cut too: a network spatial to its end (segmentation, super-
-                # resolution) is tiled whole, its output assembled in the region's buffer.
-                # The crossing value must be a tensor: a split's list of pieces cannot be a
-                # region's output or input (timm's CSPResNet crashed on one).
-                tensor = hasattr(t.meta.get("tensor_meta"), "shape")
-                # Before an upsampling the crossing tensor is the smaller one: a region can
-                # start there (a U-Net decoder's full-resolution tail).
-                grows = (tensor and n.op != "output" and facts(n).spatial and facts(n).sizes
-                         and facts(t).sizes and math.prod(facts(n).sizes) > math.prod(facts(t).sizes))
-                if tensor and facts(t).spatial and (window or grows or len(t.users) > 1
-                                                    or n.op == "output"):
-                    cuts.append(i)
-                    self.cut_bytes[i] = self.bpp(t) * math.prod(facts(t).sizes)
-                    self.cut_tensor[i] = t
+            ins = {u for u in n.all_input_nodes if u.op != "get_attr" and tensor_valued(u)}
+            if i > 0 and ins and self._is_boundary(n, alive, ins):
+                out.append(Boundary(i, tuple(sorted(alive, key=self.index.get))))
             if n.op not in ("placeholder", "get_attr") and n.users and tensor_valued(n):
                 alive.add(n)
-        return cuts
+        if out[-1].position != len(self.nodes) - 1:  # the plan's end, a region end or not
+            out.append(Boundary(len(self.nodes) - 1, ()))
+        return out
 
-    def chain_cuts(self) -> list[int]:
-        """Cuts whose tensor is no larger than its neighbours': where a later region may start."""
-        c, b = self.cuts, self.cut_bytes
-        return [x for k, x in enumerate(c)
-                if (k == 0 or b[x] <= b[c[k - 1]]) and (k == len(c) - 1 or b[x] <= b[c[k + 1]])]
+    def _storable(self, t: Node) -> bool:
+        """A feature map a region can read whole or write full-size: a tensor (a split's list
+        of pieces cannot be a region's input or output; timm's CSPResNet crashed on one) with
+        spatial extent, computed by a node a region can hold."""
+        return (hasattr(t.meta.get("tensor_meta"), "shape") and facts(t).sizes is not None
+                and member_rule(t, True) is not None)
+
+    def _is_boundary(self, n: Node, alive: set[Node], ins: set[Node]) -> bool:
+        if not alive or not all(self._storable(u) for u in alive):
+            return False
+        rule = facts(n).rule
+        grows = n.op != "output" and facts(n).spatial and facts(n).sizes and any(
+            facts(u).sizes and math.prod(facts(n).sizes) > math.prod(facts(u).sizes) for u in ins)
+        if len(alive) == 1:
+            (t,) = alive
+            # Before an upsampling the crossing tensor is the smaller one: a region can start
+            # there (a U-Net decoder's full-resolution tail). The output is a cut too: a network
+            # spatial to its end (segmentation, super-resolution) is tiled whole.
+            return ins <= alive and (_window(rule) or grows or len(t.users) > 1 or n.op == "output")
+        # A U-Net level: the tensors alive across a downsampling are the current map and the
+        # skips the decoder reads later; across an upsampling, the small map and the skips
+        # still to be read.
+        return len(alive) <= MAX_SKIPS + 1 and bool(ins & alive) and (_downsamples(rule) or grows)
+
+    def stored_bytes(self, b: Boundary) -> float:
+        """Bytes of the tensors stored full-size across boundary ``b``."""
+        return sum(self.bpp(t) * math.prod(facts(t).sizes) for t in b.alive)
+
+    def chain_starts(self) -> list[Boundary]:
+        """Boundaries worth starting a region at: the graph's input, every U-Net level, and the
+        cuts storing no more than their neighbours (a block's narrow input, not the expanded
+        map inside it)."""
+        bs = self.boundaries[:-1]
+        size = [self.stored_bytes(b) for b in bs]
+        return [b for k, b in enumerate(bs) if k == 0 or len(b.alive) > 1 or (
+            size[k] <= size[k - 1] and (k == len(bs) - 1 or size[k] <= size[k + 1]))]
 
     def _region(self, end: int) -> list[Node]:
         if end not in self._regions:
             try:
-                self._regions[end] = find_region(self.gm, [self.nodes[end]])[0]
+                self._regions[end] = find_region(self.gm, [self.nodes[end]]).nodes
             except TilingError:
                 self._regions[end] = []
         return self._regions[end]
@@ -207,65 +247,56 @@ class StaticModel:
             self._windows[key] = _region_windows(self, region, axis, t) if region else None
         return self._windows[key]
 
-    def segment(self, start: int, end: int, multipass: bool = False) -> Segment | None:
-        """The candidate region from cut ``start`` to merge node ``end``, or None.
+    def segment(self, a: Boundary, b: Boundary, multipass: bool = False) -> Segment | None:
+        """The candidate region from boundary ``a`` to merge node ``b``, or None.
         ``multipass``: the region through statistics over the whole map (None when it has none:
         then it is the single-pass region)."""
-        key = (start, end, multipass)
+        key = (a.position, b.position, multipass)
         if key not in self._segments:
-            self._segments[key] = (self._multipass_segment(start, end) if multipass
-                                   else self._segment(start, end))
+            self._segments[key] = (self._multipass_segment(a, b) if multipass
+                                   else self._segment(a, b))
         return self._segments[key]
 
-    def _multipass_segment(self, start: int, end: int) -> Segment | None:
-        # A multi-pass region after a single-tensor cut is the part after the cut of the one
-        # from the graph's input (everything after the cut reads only the cut tensor), with
-        # its passes regrouped.
-        if end not in self._mregions:
-            try:
-                self._mregions[end] = find_region(self.gm, [self.nodes[end]], multipass=True)
-            except TilingError:
-                self._mregions[end] = None
-        full = self._mregions[end]
-        if full is None or not any(ph.statistics for ph in full.phases):
+    def _multipass_segment(self, a: Boundary, b: Boundary) -> Segment | None:
+        start, end = a.position, b.position
+        if self._stats_before[end] == self._stats_before[start]:
+            return None  # no statistic over space between the boundaries: a single pass
+        try:
+            reg = find_region(self.gm, [self.nodes[end]], list(a.alive), multipass=True)
+        except TilingError:
             return None
-        region = [n for n in full.nodes if self.index[n] >= start]
-        inside = set(region)
-        seeds = {u for u in self.nodes[end].all_input_nodes if u in set(full.nodes)}
-        if not region or not seeds <= inside:
-            return None
-        if any(not facts(n).spatial and n.args[0] not in inside for n in region):
-            return None  # a norm whose input is the cut tensor: its moments are not this region's
-        stats = {s for ph in full.phases for s, src in ph.statistics if src in inside}
-        outputs = [o for o in full.outputs if o in inside]
+        if not any(ph.statistics for ph in reg.phases) and not reg.outer_statistics:
+            return None  # no statistic inside: the single-pass region
+        inside = set(reg.nodes)
+        if not {u for u in self.nodes[end].all_input_nodes} & inside:
+            return None  # stops short of the merge node
         if any(not facts(o).sizes or not hasattr(o.meta.get("tensor_meta"), "shape")
-               for o in outputs):
+               for o in reg.outputs):
             return None
-        phases = phases_of(region, outputs, stats - inside)
-        if not any(ph.statistics for ph in phases):
-            return None
-        read = {s for n in region for s, _ in member_rule(n, True).inputs}
+        read = {s for n in reg.nodes for s, _ in member_rule(n, True).inputs}
         subs = []
-        for k, ph in enumerate(phases):
+        for k, ph in enumerate(reg.phases):
             targets = list(dict.fromkeys(list(ph.outputs) + [src for _, src in ph.statistics]))
             nodes = list(ph.nodes)
             subs.append(Segment(start, end, nodes, targets,
                                 {s for n in nodes for s, _ in member_rule(n, True).inputs}
                                 - {n.name for n in nodes},
                                 own_windows=True, key=(start, end, k)))
-        return Segment(start, end, region, outputs, read - {n.name for n in region},
-                       own_windows=True, phases=subs, key=(start, end, "all"))
+        return Segment(start, end, list(reg.nodes), list(reg.outputs), read - {n.name for n in reg.nodes},
+                       own_windows=True, phases=subs, key=(start, end, "all"),
+                       outer_statistics=tuple(s for s, _ in reg.outer_statistics))
 
-    def _segment(self, start: int, end: int) -> Segment | None:
+    def _segment(self, a: Boundary, b: Boundary) -> Segment | None:
+        start, end = a.position, b.position
         region = [n for n in self._region(end) if self.index[n] >= start]
         seeds = {u for u in self.nodes[end].all_input_nodes if "tilefx" in u.meta and facts(u).spatial}
         own = bool(start) and not seeds & set(region)
         if own:
             # The region from the graph's input stops short of this merge node (a squeeze-and-
             # excitation gate between them is computed from a barrier); one that starts after
-            # the cut does not: the gate is then computed before it and read as a value.
+            # the boundary does not: the gate is then computed before it and read as a value.
             try:
-                region = find_region(self.gm, [self.nodes[end]], [self.cut_tensor[start]])[0]
+                region = find_region(self.gm, [self.nodes[end]], list(a.alive)).nodes
             except TilingError:
                 region = []
             if not seeds & set(region):
@@ -283,6 +314,43 @@ class StaticModel:
         inputs = read - {n.name for n in region}
         return Segment(start, end, region, outputs, inputs, own_windows=own)
 
+    def untiled_peak(self, a: Boundary, b: Boundary) -> float:
+        """The untiled model's peak over the steps from boundary ``a`` to ``b``."""
+        vals = [v for p, v in zip(self.step_pos, self.baseline_curve) if a.position <= p < b.position]
+        return max(vals, default=0.0)
+
+    def span_peaks(self, seg: Segment, a: Boundary, b: Boundary) -> tuple[float, float, float]:
+        """A region from boundary ``a`` to ``b`` in place of its nodes: (peak of the untiled
+        steps between ``a`` and ``b``, bytes alive during the region's call with its outputs,
+        bytes of its outputs).
+
+        Only the tensors stored across ``a`` come in from before it, whatever ran there (they
+        are full-size either way), so a plan's peak is the max of its spans' peaks.
+        """
+        members = {n.name for n in seg.nodes}
+        keys = lambda ts: [self.info[t.name]["key"] for t in ts if "key" in self.info.get(t.name, {})]
+        steps = [Step("boundary", [(k, self.storage_bytes.get(k, 0)) for k in keys(a.alive)])]
+        region = Step("region")
+        for p, st in zip(self.step_pos, self.steps):
+            if not a.position <= p < b.position:
+                continue
+            if st.name in members:
+                if region not in steps:
+                    steps.append(region)
+                region.reads.extend(st.reads)
+            else:
+                steps.append(st)
+        out_bytes = 0.0
+        for o in seg.outputs:
+            info = self.info.get(o.name, {})
+            region.allocs.append((info.get("key", o.name), info.get("nbytes", 0)))
+            out_bytes += info.get("nbytes", 0)
+        _, _, curve = liveness(steps, list(self.keep) + keys(b.alive))
+        at = next((v for st, (_, v) in zip(steps, curve) if st is region), 0.0)
+        rest = max((v for st, (_, v) in zip(steps, curve) if st is not region and st is not steps[0]),
+                   default=0.0)
+        return rest, at, out_bytes
+
 
 # --------------------------------------------------------------------------- per-axis windows
 
@@ -292,24 +360,23 @@ def _axis_windows(model: StaticModel, seg: Segment, axis: int, t: int):
 
     A region after a single-tensor cut is a suffix of the region of the same merge node from the
     graph input, with the same outputs, so windows are computed once per merge node and sliced;
-    a region that is not (``own_windows``) gets its own.
+    a region that is not (``own_windows``: after a squeeze-and-excitation gate, or a pass of a
+    multi-pass region, whose windows propagate back from what that pass writes or reduces)
+    gets its own.
     """
-    if seg.key and seg.key[2] != "all":
-        # A pass of a multi-pass region: windows propagate back from the tensors it writes or
-        # reduces, so they are the same for every start; computed once from the graph input.
-        names = tuple(o.name for o in seg.outputs)
-        key = (seg.end, names, axis, t)
-        if key not in model._windows:
-            whole = model._mregions[seg.end].nodes
-            nodes = ancestors_within(set(seg.outputs), set(whole))
-            model._windows[key] = _region_windows(
-                model, [n for n in whole if n in nodes], axis, t, list(seg.outputs))
-        full = model._windows[key]
-    elif seg.own_windows:
-        key = (seg.key or (seg.start, seg.end), axis, t)
-        if key not in model._windows:
-            model._windows[key] = _region_windows(model, seg.nodes, axis, t, seg.outputs)
-        full = model._windows[key]
+    if seg.own_windows:
+        # Windows propagate back from the outputs only, so regions with the same outputs and
+        # other starts share them: computed once over the union of their nodes.
+        key = ("own", tuple(o.name for o in seg.outputs), axis, t)
+        full = model._windows.get(key, ())
+        if full != () and full is not None and not all(n.name in full[0] for n in seg.nodes):
+            nodes = set(seg.nodes) | {model.by_name[k] for k in full[0]}
+            full = ()
+        else:
+            nodes = seg.nodes
+        if full == ():
+            full = model._windows[key] = _region_windows(
+                model, sorted(nodes, key=model.index.get), axis, t, seg.outputs)
     else:
         full = model.full_windows(seg.end, axis, t)
     if full is None:
@@ -369,6 +436,8 @@ class WindowOp(NamedTuple):
     pointwise: bool      # a 1x1 convolution
     pad_copies: bool     # F.pad copies its crop where the read leaves the map
     shared_source: bool  # its source has several readers: the halo crop is a copy
+    frees_source: int    # the source's storage, when this op is its last reader (else -1):
+                         # a copying crop frees it before the op itself runs
 
 
 @dataclass
@@ -376,8 +445,10 @@ class Body:
     """The storage structure of one tile body, independent of the tile grid.
 
     ``held[i, s]`` is 1 while storage ``s`` is alive at node ``i``; ``owner[s]`` is the node
-    allocating storage ``s``; per node: MACs, per-pixel seconds and scratch bytes per output
-    position; ``fixed_s`` is the per-tile fixed time (every node's call plus crops and writes).
+    allocating storage ``s``; per node: MACs and scratch bytes per output position, and its
+    time model on a window (``tilefx.cost.NodeCost`` as arrays: fixed seconds, seconds per
+    position up to ``knee_px`` positions, beyond it ``slope`` from ``at_knee``) and on the whole
+    map (``untiled_s``); ``calls_s`` is the per-tile time of the crops and writes.
     """
 
     held: np.ndarray
@@ -385,9 +456,22 @@ class Body:
     storage_bpp: np.ndarray
     ops: list[WindowOp]
     macs_pp: np.ndarray
+    fixed: np.ndarray
     time_pp: np.ndarray
-    fixed_s: float
+    knee_px: np.ndarray
+    at_knee: np.ndarray
+    slope: np.ndarray
+    untiled_s: np.ndarray
+    calls_s: float
     scratch_pp: np.ndarray
+    op_arrays: dict = None  # ``ops`` as columns (one row per window op), for tile_cost
+
+    def window_time(self, px: np.ndarray) -> np.ndarray:
+        """Seconds of every node's call on windows of ``px`` positions (nodes x tiles)."""
+        k = self.knee_px[:, None]
+        small = self.fixed[:, None] + self.time_pp[:, None] * px
+        big = self.at_knee[:, None] + self.slope[:, None] * (px - np.where(np.isfinite(k), k, 0.0))
+        return np.where(px <= k, small, big)
 
 
 class TileCost(NamedTuple):
@@ -443,26 +527,44 @@ def _body(model: StaticModel, seg: Segment) -> Body:
             src = by_name[rule.inputs[0][0]]
             tm = src.meta.get("tensor_meta")
             cin = tm.shape[1] if hasattr(tm, "shape") and len(tm.shape) > 1 else 1
+            s_src = node_storage[pos[src.name]] if src.name in pos else -1
             ops.append(WindowOp(
                 position=i, kind=info.get("kind"), source_bpp=model.bpp(src), channels_in=cin,
                 weight_bytes=info.get("w_bytes", 0), out_bpp=model.bpp(n),
                 channels_out=info.get("channels", 1), pointwise=info.get("pw", False),
                 pad_copies=_window(rule) and rule.kind != "pad",
-                shared_source=readers.get(src.name, 0) > 1))
+                shared_source=readers.get(src.name, 0) > 1,
+                frees_source=s_src if s_src >= 0 and last[s_src] == i else -1))
     macs_pp = np.array([model.info.get(nm, {}).get("macs", 0) / max(math.prod(facts(by_name[nm]).sizes), 1)
                         for nm in names])
     costs = [model.cost(n) for n in seg.nodes]
+    knee = np.array([c.knee_px if c.full_s is not None and c.full_px > c.knee_px else np.inf
+                     for c in costs])
+    fixed = np.array([c.fixed_s for c in costs])
     time_pp = np.array([c.per_pixel_s for c in costs])
-    fixed = float(sum(c.fixed_s for c in costs))
+    at_knee = np.where(np.isfinite(knee), fixed + time_pp * np.where(np.isfinite(knee), knee, 0), 0.0)
+    slope = np.array([(c.full_s - a) / (c.full_px - k) if np.isfinite(k) else 0.0
+                      for c, a, k in zip(costs, at_knee, knee)])
+    untiled_s = np.array([model.untiled_time(n) for n in seg.nodes])
     # Per tile: a halo crop per window-op input and a write per region output, each a call.
     calls = sum(len(member_rule(n, True).inputs) for n in seg.nodes
                 if _window(member_rule(n, True))) + len(seg.outputs)
-    fixed += calls * model.cal.pointwise_call_s
     # Scratch memory a node holds while it runs, per output position (a folded channels-last
     # block's hidden MLP activation), beyond the workspace models of ``ops``.
     scratch_pp = np.array([model.info.get(nm, {}).get("transient_pp", 0.0) for nm in names])
+    col = lambda f, dtype=float: np.array([f(op) for op in ops], dtype=dtype)
+    op_arrays = dict(
+        pos=col(lambda o: o.position, int), src_bpp=col(lambda o: o.source_bpp),
+        out_bpp=col(lambda o: o.out_bpp), reorders_in=col(lambda o: o.channels_in > 4, bool),
+        round16=col(lambda o: (-(-o.channels_out // 16) * 16) / max(o.channels_out, 1)),
+        w=col(lambda o: o.weight_bytes), pw=col(lambda o: o.pointwise, bool),
+        conv=col(lambda o: o.kind == "conv", bool), maxpool=col(lambda o: o.kind == "maxpool", bool),
+        shared=col(lambda o: o.shared_source, bool), pads=col(lambda o: o.pad_copies, bool),
+        frees=col(lambda o: o.frees_source, int))
     seg.body = Body(held=A, owner=owner, storage_bpp=bpp_storage, ops=ops, macs_pp=macs_pp,
-                    time_pp=time_pp, fixed_s=fixed, scratch_pp=scratch_pp)
+                    fixed=fixed, time_pp=time_pp, knee_px=knee, at_knee=at_knee, slope=slope,
+                    untiled_s=untiled_s, calls_s=calls * model.cal.pointwise_call_s,
+                    scratch_pp=scratch_pp, op_arrays=op_arrays)
     return seg.body
 
 
@@ -484,62 +586,43 @@ def tile_cost(model: StaticModel, seg: Segment, grid: tuple[int, ...]) -> TileCo
 
     Ls = outer([ax[0] for ax in axes])                     # nodes x tiles
     live = A @ (bpp_s[:, None] * Ls[owner]) if owner else np.zeros_like(Ls)
-    trans = body.scratch_pp[:, None] * Ls
-    for op in body.ops:
-        i, cout = op.position, op.channels_out
-        crop = op.source_bpp * outer([ax[1][i] for ax in axes])
-        out_b = op.out_bpp * Ls[i]
-        if op.shared_source:  # a window narrowed out of a producer read by several ops: halo_crop copies it
-            trans[i] += crop
-        elif op.pad_copies:  # F.pad copies the crop when the read leaves the map on any axis
-            padded = 1.0 - outer([1.0 - ax[2][i].astype(float) for ax in axes])
-            trans[i] += padded * crop
+    total = live + body.scratch_pp[:, None] * Ls
+    o = body.op_arrays
+    if len(o["pos"]):
+        # Every window op at once (one row each): its crop, output and scratch bytes per tile.
+        idx = o["pos"]
+        crop = o["src_bpp"][:, None] * outer([ax[1][idx] for ax in axes])
+        out_b = o["out_bpp"][:, None] * Ls[idx]
+        ws = np.zeros_like(out_b)
         if model.workspace == "cpu":
-            if op.kind == "conv":
-                in_r = crop if op.channels_in > 4 else 0.0
-                out16 = out_b * (-(-cout // 16) * 16) / max(cout, 1)
-                held = np.maximum(in_r + op.weight_bytes + out16 + (out_b if op.pointwise else 0.0),
-                                  out16 + out_b)
-                trans[i] += np.maximum(held - out_b, 0.0)
-            elif op.kind == "maxpool":
-                trans[i] += 2 * out_b
-    peak = float((live + trans).max()) if live.size else 0.0
+            out16 = out_b * o["round16"][:, None]
+            held = np.maximum(np.where(o["reorders_in"][:, None], crop, 0.0) + o["w"][:, None]
+                              + out16 + np.where(o["pw"][:, None], out_b, 0.0), out16 + out_b)
+            ws = np.where(o["conv"][:, None], np.maximum(held - out_b, 0.0), ws)
+            ws = np.where(o["maxpool"][:, None], 2 * out_b, ws)
+        here = total[idx]
+        # A window narrowed out of a producer read by several ops: halo_crop copies it.
+        shared = here + crop + ws
+        # F.pad copies the crop where the read leaves the map on any axis. Two steps then: the
+        # copy beside its source (the op's output not yet allocated), and the op on the copy,
+        # its source freed when this op was its last reader.
+        padded = 1.0 - outer([1.0 - ax[2][idx].astype(float) for ax in axes])
+        frees = o["frees"]
+        has = frees >= 0
+        src = np.zeros_like(out_b)
+        if has.any():
+            src[has] = bpp_s[frees[has], None] * Ls[np.asarray(owner)[frees[has]]]
+        on_copy = here + padded * (crop - src) + ws
+        copying = np.where(padded > 0, here - out_b + padded * crop, 0.0)
+        pads = np.maximum(on_copy, copying)
+        total[idx] = np.where(o["shared"][:, None], shared,
+                              np.where(o["pads"][:, None], pads, here + ws))
+    peak = float(total.max()) if total.size else 0.0
     sums = [ax[0].sum(axis=1) for ax in axes]
     tiled_px = functools.reduce(np.multiply, sums)  # per node: positions summed over all tiles
     full_px = np.array([math.prod(facts(n).sizes) for n in seg.nodes])
     extra_macs = float((body.macs_pp * (tiled_px - full_px)).sum())
     n_tiles = math.prod(grid)
-    extra_time = float((body.time_pp * (tiled_px - full_px)).sum()) + (n_tiles - 1) * body.fixed_s
+    extra_time = (float(body.window_time(Ls).sum()) + n_tiles * body.calls_s
+                  - float(body.untiled_s.sum()))
     return TileCost(peak, extra_macs, extra_time)
-
-
-# --------------------------------------------------------------------------- outside the regions
-
-
-def outer_peaks(model: StaticModel, segs: list[Segment]) -> tuple[float, list[float]]:
-    """(peak of the untiled steps, bytes alive at each region call) for a cut sequence."""
-    region_of = {}
-    for k, seg in enumerate(segs):
-        for n in seg.nodes:
-            region_of[n.name] = k
-    steps: list[Step] = []
-    region_pos = {}
-    for st in model.steps:
-        k = region_of.get(st.name)
-        if k is None:
-            steps.append(st)
-            continue
-        if k not in region_pos:
-            region_pos[k] = len(steps)
-            steps.append(Step(f"region{k}"))
-        rs = steps[region_pos[k]]
-        rs.reads.extend(st.reads)
-    for k, seg in enumerate(segs):
-        rs = steps[region_pos[k]]
-        for o in seg.outputs:
-            info = model.info.get(o.name, {})
-            rs.allocs.append((info.get("key", o.name), info.get("nbytes", 0)))
-    _, _, curve = liveness(steps, model.keep)
-    at = {k: curve[p][1] for k, p in region_pos.items()}
-    rest = max((b for i, (_, b) in enumerate(curve) if i not in region_pos.values()), default=0)
-    return rest, [at[k] for k in range(len(segs))]

@@ -1,31 +1,34 @@
 """The planner: candidate plans, their predicted peak and time, the Pareto frontier.
 
-A plan is a sequence of regions (``tilefx.plans``). The planner enumerates cut sequences of up
-to :data:`MAX_REGIONS` regions; each region's options come from the region strategies in
-:data:`STRATEGIES`, scored by the static model (``tilefx.plan_model``: per-tile peak, extra
-MACs, extra time, without running the model per candidate); the plans join one
+A plan is a sequence of regions (``tilefx.plans``). The static model (``tilefx.plan_model``)
+finds the graph's **boundaries**, the places where a plan may switch between untiled layers and
+a region (a single-tensor cut, or a U-Net level with its skips alive), and scores candidate
+regions between two boundaries without running the model per candidate. Each region's options
+come from the region strategies in :data:`STRATEGIES`; the plans join one
 :class:`~tilefx.plans.Frontier`, and the frontier's rule chooses (``memory_budget``,
-``max_overhead``, or the knee).
+``max_overhead``, memory first within a default time bound otherwise).
 
-Regions chain end to start from the graph's input; a lone region may also start at a cut
-(``RegionChoice.start``), the layers before it untiled: a U-Net's skips cross every cut of its
-encoder and decoder, and only the full-resolution tail after the last skip is worth tiling.
-
-For a fixed sequence of cuts the choices couple only through ``peak = max(...)`` and
-``time = sum(...)``, so the per-region option frontiers are combined exactly; plans are pooled
-over all cut sequences and the Pareto-optimal ones kept. The untiled plan is always a
-candidate, so no choice is worse than it.
+**The search is a dynamic program over the boundaries.** A plan is a path from the graph's input
+to its output, each step either untiled layers to the next boundary or a region from one
+boundary to a later one, which stores its outputs full-size there (a checkpoint the next region
+starts from). The tensors stored across a boundary are full-size whatever ran before it, so
+the peak of a step depends on that step alone: a plan's peak is the max of its steps' and its
+time the sum. The Pareto-optimal partial plans up to each boundary are therefore combined
+exactly with every next step (kept to :data:`MAX_PARTIALS` per boundary), and plans of any
+number of regions (up to :data:`MAX_REGIONS`) are searched in time quadratic in the number of
+boundaries, not exponential in the number of regions. The untiled plan is always a candidate,
+so no choice is worse than it.
 
 A region strategy is a function ``(model, segment, tiles) -> list[RegionOption]``: the ways it
-can run one candidate region, each with its predicted cost. Today's only strategy recomputes
-halos on a tile grid (:func:`recompute_tiles`); every other way of running a region (several
-passes for statistics over the whole map, streaming strips with row buffers) is a strategy
-added to :data:`STRATEGIES`, and its options join the same frontier.
+can run one candidate region, each with its predicted cost. :func:`recompute_tiles` runs a
+region on a tile grid, each tile recomputing its halo; :func:`multipass_tiles` runs a region
+through statistics over the whole map in several passes. Every other way of running a region
+(streaming strips with row buffers) is a strategy added to :data:`STRATEGIES`, and its options
+join the same frontier.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import replace
 from typing import Any, Callable, NamedTuple
@@ -35,7 +38,7 @@ from torch.fx import GraphModule
 from .capture import as_inputs
 from .cost import Calibration, calibrate
 from .errors import TilingError
-from .plan_model import MAX_SKIPS, Segment, StaticModel, tile_cost, outer_peaks
+from .plan_model import MAX_SKIPS, Boundary, Segment, StaticModel, tile_cost
 from .plans import BUDGET_MARGIN, KNEE_SLOPE, Frontier, Plan, RegionChoice, pareto
 
 __all__ = ["RegionChoice", "Plan", "Frontier", "RegionOption", "plan", "frontier", "fixed_plan",
@@ -44,8 +47,9 @@ __all__ = ["RegionChoice", "Plan", "Frontier", "RegionOption", "plan", "frontier
 
 #: Tile counts tried per axis.
 MAX_TILES = 8
-#: Regions a plan may chain (the tail after a merge tiled again).
-MAX_REGIONS = 2
+#: Regions a plan may chain, each starting where the one before it ends or after untiled
+#: layers (its start is a stored checkpoint).
+MAX_REGIONS = 16
 
 
 class RegionOption(NamedTuple):
@@ -53,14 +57,17 @@ class RegionOption(NamedTuple):
 
     ``peak_bytes`` is the peak inside the region call beyond its full-size output buffers;
     ``extra_time_s`` and ``extra_macs`` are what the option adds to the untiled model's.
-    ``choice`` is the :class:`RegionChoice` to apply, its ``merge`` left empty: the planner
-    fills in the merge node(s) of the region the option is for.
+    ``choice`` is the :class:`RegionChoice` to apply, its ``merge`` and ``start`` left empty:
+    the planner fills in the boundaries of the region the option is for.
+    ``before_outputs_bytes``: the peak of the passes that run before the output buffers
+    exist (a multi-pass region's statistics passes).
     """
 
     peak_bytes: float
     extra_time_s: float
     extra_macs: float
     choice: RegionChoice
+    before_outputs_bytes: float = 0.0
 
 
 def _grids(model: StaticModel, tiles: tuple[int, ...] | None) -> list[tuple[int, ...]]:
@@ -91,20 +98,24 @@ def multipass_tiles(model: StaticModel, seg: Segment,
         return []
 
     def untiled(nodes):
-        return (sum(model.cost(n).time(model.positions(n)) for n in nodes),
+        return (sum(model.untiled_time(n) for n in nodes),
                 sum(model.info.get(n.name, {}).get("macs", 0) for n in nodes))
 
     base_t, base_m = untiled(seg.nodes)
     full = [untiled(ph.nodes) for ph in seg.phases]
+    # A norm of the stored input: its moments are one reduction over that tensor (about half
+    # of what the untiled norm costs, which also applies it).
+    stats_t = sum(0.5 * model.untiled_time(n) for n in seg.outer_statistics)
     options = []
     for grid in _grids(model, tiles):
         costs = [tile_cost(model, ph, grid) for ph in seg.phases]
         if any(c is None for c in costs):
             break
-        time = sum(c.extra_time_s + t for c, (t, _) in zip(costs, full)) - base_t
+        time = sum(c.extra_time_s + t for c, (t, _) in zip(costs, full)) + stats_t - base_t
         macs = sum(c.extra_macs + m for c, (_, m) in zip(costs, full)) - base_m
-        options.append(RegionOption(max(c.peak_bytes for c in costs), time, macs,
-                                    RegionChoice((), grid, multipass=True)))
+        early = max((c.peak_bytes for c in costs[:-1]), default=0.0)
+        options.append(RegionOption(costs[-1].peak_bytes, time, macs,
+                                    RegionChoice((), grid, multipass=True), early))
     return pareto(options, lambda o: o.peak_bytes, lambda o: o.extra_time_s)
 
 
@@ -155,6 +166,20 @@ class _Candidate(NamedTuple):
     regions: tuple[RegionChoice, ...]
 
 
+#: Partial plans kept per boundary by the search: beyond this many Pareto-optimal ones, the
+#: fastest per 2% band of peak.
+MAX_PARTIALS = 48
+
+
+def _thin(cands: list[_Candidate]) -> list[_Candidate]:
+    if len(cands) <= MAX_PARTIALS:
+        return cands
+    kept: dict[int, _Candidate] = {}
+    for c in cands:  # fastest first
+        kept.setdefault(round(math.log(max(c.peak_bytes, 1.0)) / math.log(1.02)), c)
+    return sorted(kept.values(), key=lambda c: (c.time_s, c.peak_bytes))
+
+
 def frontier(gm: GraphModule, example_inputs: Any, *, max_regions: int = MAX_REGIONS,
              calibration: Calibration | None = None, timing: str = "measured",
              tiles: tuple[int, ...] | None = None) -> Frontier:
@@ -177,68 +202,78 @@ def frontier(gm: GraphModule, example_inputs: Any, *, max_regions: int = MAX_REG
             "to let the planner choose, or pass merge= with tiles=1 to run a region as one tile")
     model = StaticModel(gm, inputs, calibration or calibrate(), timing)
     base_time, base_peak = model.base_time, model.baseline_peak
-    options: dict[tuple[int, int], list[tuple[Segment, list[RegionOption]]]] = {}
+    bounds = model.boundaries
+    starts = {b.position for b in model.chain_starts()}
 
-    def region_options(a: int, b: int) -> list[tuple[Segment, list[RegionOption]]]:
-        """Per way of drawing the region from cut ``a`` to merge ``b`` (single- or multi-
-        pass), the segment and every strategy's options on it."""
-        if (a, b) not in options:
-            groups = []
-            for seg in (model.segment(a, b), model.segment(a, b, multipass=True)):
-                opts = [o for strategy in STRATEGIES for o in strategy(model, seg, tiles)] if seg else []
-                if opts:
-                    groups.append((seg, opts))
-            options[(a, b)] = groups
-        return options[(a, b)]
+    too_deep: set[int] = set()  # starts whose multi-pass regions already took too many passes
 
-    # A user-fixed grid asks for tiling: the untiled plan is then no candidate.
-    candidates = [] if tiles else [_Candidate(base_peak, base_time, 0.0, ())]
-    ends = sorted(set(model.cuts) | set(model.skip_ends))
-    chain = model.chain_cuts()
-    # A sequence: (start, end) per region. Regions chain end to start from the graph's input;
-    # one region alone may also start at a cut, leaving the layers before it untiled (a
-    # U-Net's full-resolution decoder tail, after its last skip is read).
-    sequences = [((0, e),) for e in ends]
-    sequences += [((a, e),) for a in chain for e in ends if e > a]
-    for k in range(2, max_regions + 1):
-        sequences += [tuple(zip((0,) + seq[:-1], seq))
-                      for firsts in itertools.combinations(chain, k - 1)
-                      for seq in ((*firsts, last) for last in ends if last > firsts[-1])]
-    for bounds in sequences:
-        per_bound = [region_options(a, b) for a, b in bounds]
-        if not all(per_bound):
-            continue
-        for groups in itertools.product(*per_bound):
-            segs = [seg for seg, _ in groups]
-            per_region = [opts for _, opts in groups]
-            rest, at = outer_peaks(model, segs)
-            merges = [(model.nodes[b].name,) for _, b in bounds]
-            # Each region starts after its cut's tensor (after the previous region's output, or
-            # the untiled layers before a lone region), as the planner scored it.
-            starts = [(model.cut_tensor[a].name,) if a else () for a, _ in bounds]
-            for combo in itertools.product(*per_region):
-                if any(math.prod(o.choice.tiles) == 1 for o in combo):
-                    continue  # a 1x1 region is the untiled computation plus copies
-                regions = [replace(o.choice, merge=m, start=st)
-                           for m, st, o in zip(merges, starts, combo)]
-                candidates.append(_Candidate(
-                    peak_bytes=max([rest] + [a + o.peak_bytes for a, o in zip(at, combo)]),
-                    time_s=base_time + sum(o.extra_time_s for o in combo),
-                    extra_macs=sum(o.extra_macs for o in combo),
-                    regions=tuple(regions)))
-    if not candidates:
+    def region_options(a: Boundary, b: Boundary) -> list[tuple[Segment, list[RegionOption]]]:
+        """Per way of drawing the region from boundary ``a`` to merge ``b`` (single- or
+        multi-pass), the segment and every strategy's options on it."""
+        groups = []
+        multi = None
+        if a.position not in too_deep:
+            multi = model.segment(a, b, multipass=True)
+            if multi is not None and len(multi.phases) > MAX_PASSES:
+                too_deep.add(a.position)  # a later merge needs at least as many passes
+                multi = None
+        for seg in (model.segment(a, b), multi):
+            opts = [o for strategy in STRATEGIES for o in strategy(model, seg, tiles)] if seg else []
+            opts = [o for o in opts if math.prod(o.choice.tiles) > 1]  # one tile is no region
+            if opts:
+                groups.append((seg, opts))
+        return groups
+
+    def key(c: _Candidate) -> Any:
+        # With a user-fixed grid a plan must tile something: keep tiled partial plans apart.
+        return bool(c.regions) if tiles else None
+
+    # The search: a plan is a path over the boundaries, each step either untiled layers or a
+    # region from one boundary to a later one. A span's peak depends only on what runs in it
+    # (the tensors stored across a boundary are full-size whatever ran before), so a plan's
+    # peak is the max of its spans' and its time the sum: the Pareto-optimal partial plans up
+    # to each boundary are combined exactly with every next step.
+    partial: list[list[_Candidate]] = [[] for _ in bounds]
+    partial[0] = [_Candidate(0.0, base_time, 0.0, ())]
+    for j in range(1, len(bounds)):
+        b = bounds[j]
+        peak = model.untiled_peak(bounds[j - 1], b)
+        cands = [c._replace(peak_bytes=max(c.peak_bytes, peak)) for c in partial[j - 1]]
+        for i in range(j):
+            a = bounds[i]
+            if a.position not in starts or not partial[i]:
+                continue
+            if sum(1 for c in partial[i] if len(c.regions) < max_regions) == 0:
+                continue
+            merge = (model.nodes[b.position].name,)
+            start = tuple(t.name for t in a.alive)
+            for seg, opts in region_options(a, b):
+                rest, at, out_bytes = model.span_peaks(seg, a, b)
+                steps = [(max(rest, at + o.peak_bytes, at - out_bytes + o.before_outputs_bytes), o,
+                          replace(o.choice, merge=merge, start=start)) for o in opts]
+                for c in partial[i]:
+                    if len(c.regions) >= max_regions:
+                        continue
+                    for pk, o, choice in steps:
+                        cands.append(_Candidate(max(c.peak_bytes, pk), c.time_s + o.extra_time_s,
+                                                c.extra_macs + o.extra_macs, c.regions + (choice,)))
+        by_key: dict[Any, list[_Candidate]] = {}
+        for c in cands:
+            by_key.setdefault(key(c), []).append(c)
+        partial[j] = [c for group in by_key.values()
+                      for c in _thin(pareto(group, lambda c: c.peak_bytes, lambda c: c.time_s))]
+    final = [c for c in partial[-1] if c.regions or not tiles]
+    if not final:
         raise TilingError(
             f"tiles={tiles}: no merge node has a region whose outputs are at least that many "
             f"positions per axis at input shape {tuple(inputs.spatial.shape)}; use fewer tiles "
             "or a larger input"
         )
-    # Keep the non-dominated candidates before building plans: there can be many thousands.
-    kept = pareto(candidates, lambda c: c.peak_bytes, lambda c: c.time_s)
     return Frontier.of(
         Plan(regions=c.regions, peak_bytes=int(round(c.peak_bytes)),
              baseline_peak_bytes=int(base_peak), extra_compute=c.extra_macs / max(model.total_macs, 1),
              time_s=c.time_s, baseline_time_s=base_time)
-        for c in kept)
+        for c in pareto(final, lambda c: c.peak_bytes, lambda c: c.time_s))
 
 
 def fixed_plan(gm: GraphModule, example_inputs: Any, regions: list[RegionChoice]) -> Plan:

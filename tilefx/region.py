@@ -100,9 +100,18 @@ class TiledRegion(nn.Module):
         if not self.halo:
             return self._forward_approx(args, sizes)
         sched = self.schedule_for(sizes)
-        buffers: dict[str, Any] = {n: Accumulator(stat, self.spec.nsp) for n, stat in self.statistics}
+        buffers = self.new_buffers()
         for tile in sched.tiles:
             self.body(*args, buffers, tile)
+        return self.results(buffers)
+
+    def new_buffers(self) -> dict[str, Any]:
+        """What the tiles write into: the output buffers (allocated by the first tile that
+        writes each) and an accumulator per statistic this pass finds."""
+        return {n: Accumulator(stat, self.spec.nsp) for n, stat in self.statistics}
+
+    def results(self, buffers: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+        """The call's results once every tile ran: the outputs it writes, then its statistics."""
         return (tuple(buffers[o] for o in self.writes)
                 + tuple(buffers[n].result() for n, _ in self.statistics))
 

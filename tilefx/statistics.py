@@ -24,7 +24,7 @@ import math
 from dataclasses import dataclass
 import torch
 
-__all__ = ["Statistic", "Accumulator", "describe", "KINDS"]
+__all__ = ["Statistic", "Accumulator", "combine_moments", "describe", "KINDS"]
 
 #: Statistic kinds: ``moments`` (mean and 1/sqrt(var + eps) per sample and group), and the
 #: reductions whose result is the op's own output.
@@ -52,6 +52,22 @@ class Statistic:
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def combine_moments(na: int, mean_a: torch.Tensor, m2_a: torch.Tensor, nb: int,
+                    mean_b: torch.Tensor, m2_b: torch.Tensor) -> tuple:
+    """Chan et al.'s parallel combination of two pieces' (count, mean, M2): exact, and the
+    between-piece term ``delta^2 * na * nb / n`` is what averaging per-tile variances drops.
+
+    >>> a, b = torch.tensor([1.0, 2.0]), torch.tensor([10.0, 12.0, 14.0])
+    >>> n, mean, m2 = combine_moments(2, a.mean(), a.var(correction=0) * 2,
+    ...                               3, b.mean(), b.var(correction=0) * 3)
+    >>> x = torch.cat([a, b]); round(float(m2 / n), 4) == round(float(x.var(correction=0)), 4)
+    True
+    """
+    n = na + nb
+    delta = mean_b - mean_a
+    return n, mean_a + delta * (nb / n), m2_a + m2_b + delta * delta * (na * nb / n)
 
 
 class Accumulator:
@@ -88,13 +104,8 @@ class Accumulator:
             if self.mean is None:
                 self.count, self.mean, self.m2 = count, mean, m2
                 return
-            # Chan et al.: the between-piece term delta^2 * na * nb / n is what averaging
-            # per-tile variances drops.
-            total = self.count + count
-            delta = mean - self.mean
-            self.mean = self.mean + delta * (count / total)
-            self.m2 = self.m2 + m2 + delta * delta * (self.count * count / total)
-            self.count = total
+            self.count, self.mean, self.m2 = combine_moments(self.count, self.mean, self.m2,
+                                                             count, mean, m2)
             return
         self.count += math.prod(piece.shape[-nsp:])
         if stat.kind in ("mean", "sum"):

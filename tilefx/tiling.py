@@ -35,9 +35,12 @@ class RegionNode:
     rule: SpatialRule
     format: str = ""  # node.format_node() of the original node, for error messages
 
-    @property
-    def sources(self) -> tuple[str, ...]:
-        return tuple(n for n, _ in self.rule.inputs)
+    #: the names of its spatial inputs (set from ``rule``; a plain attribute, which the window
+    #: propagation reads often and torch.compile traces through)
+    sources: tuple[str, ...] = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sources", tuple(n for n, _ in self.rule.inputs))
 
 
 @dataclass(frozen=True)
