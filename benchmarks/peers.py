@@ -1,6 +1,6 @@
 """The peers' own approximate or streaming methods, measured side by side with the untiled model.
 
-    python benchmarks/peers.py                          # every peer (about 8 minutes on 2 cores)
+    python benchmarks/peers.py                          # every peer
     python benchmarks/peers.py --only monai_instance lightstream_512 --md PEERS.md
     python benchmarks/peers.py --list
 
@@ -27,6 +27,10 @@ peer's output against the untiled one, the output's magnitude (max abs of the un
 and for segmentation outputs the share of pixels whose argmax class changes. Numbers are never
 edited by hand: rerun the command. Timings on a shared machine are noisy; the ratios, measured
 side by side in one process, are what count.
+
+The run is dominated by lightstream, whose streamed passes recompute most of every tile: on 2
+CPU cores shared with other jobs (load average 6 to 9) the whole run took 22 minutes, 15 of them
+lightstream's; the VAE took 4, MONAI 3.
 
 Optional packages: ``pip install -e '.[peers]'`` (diffusers, MONAI, lightstream; lightstream's
 package imports ``lightning`` at the top, so that comes too). A peer whose package is missing
@@ -318,13 +322,15 @@ def lightstream_streaming(size: int = 1024, tile: int = 512, repeats: int = 2,
 # --------------------------------------------------------------------------------------------
 # the command line
 
-#: name -> (package it needs, run(repeats) -> PeerRecord, default repeats)
-PEERS: dict[str, tuple[str, Callable[[int], PeerRecord], int]] = {
-    "vae_tiling": ("diffusers", lambda r: vae_tiling(128, 512, repeats=r), 3),
-    "monai_instance": ("monai", lambda r: monai_sliding_window("instance", repeats=r), 3),
-    "monai_batch": ("monai", lambda r: monai_sliding_window("batch", repeats=r), 3),
-    "lightstream_1024": ("lightstream", lambda r: lightstream_streaming(1024, 512, repeats=r), 2),
-    "lightstream_512": ("lightstream", lambda r: lightstream_streaming(512, 256, repeats=r), 1),
+#: name -> (packages it needs, run(repeats) -> PeerRecord, default repeats)
+PEERS: dict[str, tuple[tuple[str, ...], Callable[[int], PeerRecord], int]] = {
+    "vae_tiling": (("diffusers",), lambda r: vae_tiling(128, 512, repeats=r), 3),
+    "monai_instance": (("monai",), lambda r: monai_sliding_window("instance", repeats=r), 3),
+    "monai_batch": (("monai",), lambda r: monai_sliding_window("batch", repeats=r), 3),
+    "lightstream_1024": (("lightstream", "lightning"),
+                         lambda r: lightstream_streaming(1024, 512, repeats=r), 2),
+    "lightstream_512": (("lightstream", "lightning"),
+                        lambda r: lightstream_streaming(512, 256, repeats=r), 1),
 }
 
 VERSIONED = ("torch", "torchvision", "diffusers", "monai", "lightstream", "lightning")
@@ -405,17 +411,18 @@ def main(argv: list[str] | None = None) -> list[PeerRecord]:
     ap.add_argument("--list", action="store_true", help="list the peers and exit")
     args = ap.parse_args(argv)
     if args.list:
-        for name, (pkg, _, reps) in PEERS.items():
-            print(f"{name:18s} needs {pkg}, {reps} timed calls")
+        for name, (pkgs, _, reps) in PEERS.items():
+            print(f"{name:18s} needs {', '.join(pkgs)}; {reps} timed call(s) of each side")
         return []
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     t0 = time.perf_counter()
     records, skipped = [], []
     for name in args.only or list(PEERS):
-        pkg, run, reps = PEERS[name]
-        if not _have(pkg):
-            skipped.append(f"{name} ({pkg} is not installed)")
-            print(f"[{name}] skipped: {pkg} is not installed", file=sys.stderr)
+        pkgs, run, reps = PEERS[name]
+        missing = [p for p in pkgs if not _have(p)]
+        if missing:
+            skipped.append(f"{name} ({', '.join(missing)} not installed)")
+            print(f"[{name}] skipped: {', '.join(missing)} not installed", file=sys.stderr)
             continue
         t = time.perf_counter()
         rec = run(args.repeats or reps)

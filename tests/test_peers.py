@@ -110,3 +110,12 @@ def test_cli_lists_the_peers(capsys):
     assert peers.main(["--list"]) == []
     out = capsys.readouterr().out
     assert all(name in out for name in peers.PEERS)
+
+
+def test_cli_skips_a_peer_whose_package_is_missing(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(peers, "_have", lambda pkg: pkg != "lightning")
+    md = tmp_path / "peers.md"
+    assert peers.main(["--only", "lightstream_512", "--md", str(md)]) == []
+    text = md.read_text()
+    assert "Skipped: lightstream_512 (lightning not installed)." in text
+    assert "torch " + torch.__version__.split("+")[0] in text
