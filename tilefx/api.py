@@ -343,7 +343,7 @@ def explain(gm: GraphModule, file: TextIO | None = sys.stdout) -> str:
             lines.append("  finds exactly: " + "; ".join(
                 f"{s}: {describe(stat)}" for s, stat in region.statistics))
         lines.append(f"  region outputs: {', '.join(region.writes) or '- (a pass that finds statistics)'}")
-        stored = _checkpoints(call, by_target) if call is not None else {}
+        stored = _checkpoints(call, by_target, region.writes) if call is not None else {}
         if stored:
             lines.append("  checkpoints (stored full-size, read by later regions): " + "; ".join(
                 f"{o} -> {', '.join(r)}" for o, r in stored.items()))
@@ -365,11 +365,13 @@ def explain(gm: GraphModule, file: TextIO | None = sys.stdout) -> str:
     return text
 
 
-def _checkpoints(call, by_target: dict) -> dict[str, list[str]]:
+def _checkpoints(call, by_target: dict, writes: tuple[str, ...]) -> dict[str, list[str]]:
     """The outputs of a region call that later region calls read: stored full-size between
     them (what a multi-region plan stores instead of recomputing)."""
     out: dict[str, list[str]] = {}
     for item in call.users:
+        if item.name not in writes:
+            continue  # a statistic, not a stored map
         later = sorted({u.target for u in item.users if u.op == "call_module"
                         and isinstance(by_target.get(u.target) and _module_of(u), TiledRegion)})
         if later:
