@@ -22,6 +22,9 @@ once, where ``in`` is its input (not reordered when it has at most 4 channels), 
 and ``out16`` its output with channels rounded up to 16; a strided 1x1 convolution holds one more
 output; max pooling holds two outputs besides its own. The weight reorder matters: ResNet's last
 3x3 convolutions reorder 9 MiB of weights, a floor no tiling of the early layers can lower.
+ATen does not give every convolution to oneDNN (:func:`uses_onednn`): a small single-image input,
+as a tile's window often is, and a 1x1 convolution on one thread run its own im2col path, whose
+scratch is the column matrix (:func:`im2col_workspace`), ten times a 3x3 convolution's output.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from ..rules import cost_class, schema_args
 from .channels_last import ChannelsLastBlock
 
 __all__ = ["MemoryProfile", "Step", "simulate", "record", "liveness", "cpu_workspace", "conv_workspace",
+           "uses_onednn", "im2col_workspace",
            "tile_workspace_kind"]
 
 
@@ -149,31 +153,73 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def cpu_workspace(kind: str | None, x: Any, weight: Any, out: Any, kernel: tuple, stride: tuple) -> int:
-    """Scratch bytes of one op on CPU (oneDNN, float): see the module docstring."""
+def uses_onednn(batch: int, numel: float, kernel: tuple, stride: tuple, dilation: tuple,
+                groups: int, threads: int) -> bool:
+    """Whether ATen runs a float32 CPU convolution through oneDNN, or through its own im2col
+    path (``Slow2d``): ATen's dispatch rule (``ConvParams::use_mkldnn``), checked against
+    ``torch._C._select_conv_backend`` by the tests. A small single-image input (at most 20480
+    elements, as a tile's window can be) with a kernel of at most 3x3 and no groups takes the
+    im2col path, and so does a 1x1 convolution on one thread.
+
+    >>> uses_onednn(1, 16 * 34 * 34, (3, 3), (1, 1), (1, 1), 1, 2)
+    False
+    >>> uses_onednn(1, 32 * 34 * 34, (3, 3), (1, 1), (1, 1), 1, 2)
+    True
+    """
+    strided = any(v != 1 for v in stride)
+    dilated = any(v != 1 for v in dilation)
+    one = all(v == 1 for v in kernel)
+    return ((strided or dilated or batch >= 16 or not one or threads > 1)
+            and (groups > 1 or all(v > 3 for v in kernel) or batch > 1 or numel > 20480))
+
+
+def im2col_workspace(cin: int, kernel: tuple, stride: tuple, padding: tuple, out_positions: float,
+                     batch: int, itemsize: int) -> float:
+    """Scratch bytes of ATen's im2col convolution: the columns (``cin * prod(kernel)`` rows, one
+    column per output position), unless a 1x1 kernel with stride 1 and no padding reads its
+    input as they are."""
+    if all(v == 1 for v in kernel) and all(v == 1 for v in stride) and not any(padding):
+        return 0.0
+    return batch * cin * math.prod(kernel) * out_positions * itemsize
+
+
+def cpu_workspace(kind: str | None, x: Any, weight: Any, out: Any, kernel: tuple, stride: tuple,
+                  padding: tuple = (), dilation: tuple = (), groups: int = 1) -> int:
+    """Scratch bytes of one op on CPU (oneDNN or ATen's im2col path, float): see the module
+    docstring."""
     if kind is None or not isinstance(out, torch.Tensor) or not isinstance(x, torch.Tensor):
         return 0
     if kind == "maxpool":
         return 2 * _nbytes(out)
     if kind == "conv" and isinstance(weight, torch.Tensor) and x.dim() >= 3:
+        nsp = x.dim() - 2
+        dilation = dilation or (1,) * nsp
+        if (x.dtype == torch.float32 and x.dim() == 4
+                and not uses_onednn(x.shape[0], x.numel(), kernel, stride, dilation, groups,
+                                    torch.get_num_threads())):
+            return int(im2col_workspace(x.shape[1], kernel, stride, padding, math.prod(out.shape[2:]),
+                                        x.shape[0], x.element_size()))
         pw = all(k == 1 for k in kernel) and any(s > 1 for s in stride)
         return conv_workspace(_nbytes(x), x.shape[1], _nbytes(weight), _nbytes(out), out.shape[1], pw)
     return 0
 
 
 def _op_params(node: torch.fx.Node, args: tuple, kwargs: dict):
-    """(input, weight, kernel, stride) of an ATen convolution or pooling node, given its
-    evaluated arguments (read by schema name)."""
+    """(input, weight, kernel, stride, padding, dilation, groups) of an ATen convolution or
+    pooling node, given its evaluated arguments (read by schema name)."""
     a = schema_args(node, args, kwargs)
     x = a.get("input", a.get("self"))
+    tup = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v,)  # noqa: E731
     if cost_class(node) == "conv":
         w, s = a["weight"], a["stride"]
         k = tuple(w.shape[2:]) if isinstance(w, torch.Tensor) else ()
-    else:
-        w, k, s = None, a["kernel_size"], a["stride"]
-    k = tuple(k) if isinstance(k, (tuple, list)) else (k,)
-    s = tuple(s) if isinstance(s, (tuple, list)) else (s,)
-    return x, w, k, s
+        nsp = len(k)
+        p = a.get("padding", 0)
+        p = (0,) * nsp if p == "valid" else (1,) * nsp if isinstance(p, str) else tup(p)
+        d, g = tup(a.get("dilation", 1)), a.get("groups", 1)
+        return x, w, k, tup(s), p, d, g if isinstance(g, int) else 1
+    w, k, s = None, a["kernel_size"], a["stride"]
+    return x, w, tup(k), tup(s), (), (), 1
 
 
 # --------------------------------------------------------------------------- the recorder
@@ -240,11 +286,12 @@ class _Recorder(torch.fx.Interpreter):
             # per output position, so a tile's share follows its window (plan_model.tile_cost)
             info["transient_pp"] = step.transient / max(math.prod(result.shape[2:]), 1)
         if kind is not None:
-            x, w, k_, s = _op_params(n, args, kwargs)
+            x, w, k_, s, p_, d_, g_ = _op_params(n, args, kwargs)
             if kind == "conv" and isinstance(w, torch.Tensor):
-                info.update(w_bytes=_nbytes(w), pw=all(k == 1 for k in k_) and any(v > 1 for v in s))
+                info.update(w_bytes=_nbytes(w), pw=all(k == 1 for k in k_) and any(v > 1 for v in s),
+                            kernel=k_, stride=s, dilation=d_ or (1,) * len(k_), groups=g_)
             if self.workspace == "cpu":
-                step.transient = cpu_workspace(kind, x, w, result, k_, s)
+                step.transient = cpu_workspace(kind, x, w, result, k_, s, p_, d_, g_)
         self.steps.append(step)
         return result
 

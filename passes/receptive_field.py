@@ -18,7 +18,7 @@ from ..errors import TilingError
 from ..capture import as_inputs, module_path
 from ..rules import Barrier, RuleContext, SpatialRule, rule_for
 
-__all__ = ["Provenance", "NodeFacts", "ReceptiveField", "annotate", "facts"]
+__all__ = ["Provenance", "NodeFacts", "ReceptiveField", "annotate", "refresh", "facts"]
 
 
 @dataclass(frozen=True)
@@ -131,6 +131,18 @@ def annotate(gm: GraphModule, example_inputs: Any, example_kwargs: dict | None =
     """
     with torch.no_grad():
         ReceptiveField(gm).propagate(*as_inputs(example_inputs, example_kwargs).flat)
+    return gm
+
+
+def refresh(gm: GraphModule, nsp: int) -> GraphModule:
+    """Recompute every node's facts from the ``tensor_meta`` it carries, without running the
+    graph: for a rewrite that adds nodes whose shapes it knows (``passes.recompute``). Facts of
+    nodes a tile rewrite created (they record their origin) are kept."""
+    for n in gm.graph.nodes:
+        old = n.meta.get("tilefx")
+        if old is not None and old.origin is not None:
+            continue
+        n.meta["tilefx"] = _facts_of(n, gm, nsp)
     return gm
 
 

@@ -19,6 +19,7 @@ from .capture import (Inputs, NotCaptured, as_inputs, capture, keep_calling_conv
 from .errors import TilingError
 from .passes.channels_last import fold_channels_last
 from .passes.receptive_field import annotate, facts
+from .passes.recompute import recompute_skips
 from .passes.regions import find_region, resolve_merge
 from .passes.tile_rewrite import tile_rewrite
 from .region import TiledRegion
@@ -145,7 +146,7 @@ def apply(gm: GraphModule, plan: "planner.Plan", halo: bool = True) -> GraphModu
     >>> p = tilefx.plan(m, x, max_overhead=1.0)
     >>> torch.testing.assert_close(apply(gm, p)(x), m(x))
     """
-    out = gm
+    out = recompute_skips(gm, plan.recompute) if plan.recompute else gm
     for region in plan.regions:
         out = tile_rewrite(out, region.merge, region.tiles, halo=halo, start=region.start,
                            multipass=region.multipass and halo)

@@ -38,12 +38,13 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
+import torch
 from torch.fx import GraphModule, Node
 
 from .capture import Inputs
 from .cost import Calibration, NodeCost, mac_node_costs, measure_node_costs
 from .errors import TilingError
-from .passes.memory import Step, liveness, record
+from .passes.memory import Step, im2col_workspace, liveness, record, uses_onednn
 from .passes.receptive_field import facts
 from .passes.regions import find_region, member_rule, tensor_valued
 from .rules import SpatialRule
@@ -53,6 +54,8 @@ __all__ = ["StaticModel", "Segment", "Boundary", "TileCost", "tile_cost", "MAX_S
 
 #: Skip tensors a region ending at a downsampling may leave alive (U-Net levels).
 MAX_SKIPS = 3
+#: Values (not maps) of at most this many bytes are carried across a boundary as they are.
+SMALL_BYTES = 1 << 20
 
 
 def _downsamples(rule: Any) -> bool:
@@ -100,12 +103,16 @@ class Boundary:
 
     position: int
     alive: tuple[Node, ...]
+    level: bool = False  #: a U-Net level: several maps stored (the current one and skips)
 
 
 class StaticModel:
     """What the planner knows about an annotated graph at the example input."""
 
-    def __init__(self, gm: GraphModule, inputs: Inputs, cal: Calibration, timing: str):
+    def __init__(self, gm: GraphModule, inputs: Inputs, cal: Calibration, timing: str,
+                 costs: dict[str, NodeCost] | None = None):
+        """``costs``: per-node costs known already (a graph variant priced from the graph it
+        was made from); otherwise ``timing`` says how to get them."""
         self.gm = gm
         # Caches on the instance (a method-level lru_cache would keep every model, its graph
         # and its weights alive for the life of the process).
@@ -127,7 +134,9 @@ class StaticModel:
         self.total_macs = sum(i["macs"] for i in self.info.values())
         self.cal = cal
         weight_bytes = {k: v["w_bytes"] for k, v in self.info.items() if "w_bytes" in v}
-        if timing == "measured":
+        if costs is not None:
+            self.costs = costs
+        elif timing == "measured":
             self.costs = measure_node_costs(gm, inputs, cal, weight_bytes=weight_bytes)
         elif timing == "macs":
             self.costs = mac_node_costs(gm, {k: v["macs"] for k, v in self.info.items()}, cal,
@@ -188,7 +197,8 @@ class StaticModel:
             # the end of many graphs, and a region reads them as they are.
             ins = {u for u in n.all_input_nodes if u.op != "get_attr" and tensor_valued(u)}
             if i > 0 and ins and self._is_boundary(n, alive, ins):
-                out.append(Boundary(i, tuple(sorted(alive, key=self.index.get))))
+                maps = sum(1 for u in alive if not self._small(u))
+                out.append(Boundary(i, tuple(sorted(alive, key=self.index.get)), maps > 1))
             if n.op not in ("placeholder", "get_attr") and n.users and tensor_valued(n):
                 alive.add(n)
         if out[-1].position != len(self.nodes) - 1:  # the plan's end, a region end or not
@@ -202,14 +212,23 @@ class StaticModel:
         return (hasattr(t.meta.get("tensor_meta"), "shape") and facts(t).sizes is not None
                 and member_rule(t, True) is not None)
 
+    def _small(self, t: Node) -> bool:
+        """A value, not a map (a norm's moments, a per-channel gate): carried across boundaries
+        as it is, whatever it costs to keep."""
+        f = t.meta.get("tilefx")
+        tm = t.meta.get("tensor_meta")
+        return (f is not None and (f.sizes is None or math.prod(f.sizes) <= 1)
+                and hasattr(tm, "shape") and tm.shape.numel() * tm.dtype.itemsize <= SMALL_BYTES)
+
     def _is_boundary(self, n: Node, alive: set[Node], ins: set[Node]) -> bool:
-        if not alive or not all(self._storable(u) for u in alive):
+        maps = {u for u in alive if not self._small(u)}
+        if not maps or not all(self._storable(u) for u in maps):
             return False
         rule = facts(n).rule
         grows = n.op != "output" and facts(n).spatial and facts(n).sizes and any(
             facts(u).sizes and math.prod(facts(n).sizes) > math.prod(facts(u).sizes) for u in ins)
-        if len(alive) == 1:
-            (t,) = alive
+        if len(maps) == 1:
+            (t,) = maps
             # Before an upsampling the crossing tensor is the smaller one: a region can start
             # there (a U-Net decoder's full-resolution tail). The output is a cut too: a network
             # spatial to its end (segmentation, super-resolution) is tiled whole.
@@ -217,11 +236,11 @@ class StaticModel:
         # A U-Net level: the tensors alive across a downsampling are the current map and the
         # skips the decoder reads later; across an upsampling, the small map and the skips
         # still to be read.
-        return len(alive) <= MAX_SKIPS + 1 and bool(ins & alive) and (_downsamples(rule) or grows)
+        return len(maps) <= MAX_SKIPS + 1 and bool(ins & maps) and (_downsamples(rule) or grows)
 
     def stored_bytes(self, b: Boundary) -> float:
         """Bytes of the tensors stored full-size across boundary ``b``."""
-        return sum(self.bpp(t) * math.prod(facts(t).sizes) for t in b.alive)
+        return sum(self.info.get(t.name, {}).get("nbytes", 0) for t in b.alive)
 
     def chain_starts(self) -> list[Boundary]:
         """Boundaries worth starting a region at: the graph's input, every U-Net level, and the
@@ -229,7 +248,7 @@ class StaticModel:
         map inside it)."""
         bs = self.boundaries[:-1]
         size = [self.stored_bytes(b) for b in bs]
-        return [b for k, b in enumerate(bs) if k == 0 or len(b.alive) > 1 or (
+        return [b for k, b in enumerate(bs) if k == 0 or b.level or (
             size[k] <= size[k - 1] and (k == len(bs) - 1 or size[k] <= size[k + 1]))]
 
     def _region(self, end: int) -> list[Node]:
@@ -438,6 +457,12 @@ class WindowOp(NamedTuple):
     shared_source: bool  # its source has several readers: the halo crop is a copy
     frees_source: int    # the source's storage, when this op is its last reader (else -1):
                          # a copying crop frees it before the op itself runs
+    batch: int = 1       # the map's batch size (ATen's dispatch between oneDNN and im2col)
+    kernel: tuple = ()   # a convolution's kernel, stride, dilation and groups
+    stride: tuple = ()
+    dilation: tuple = ()
+    groups: int = 1
+    itemsize: int = 4    # of its input; ATen's rule is for float32 (others stay on oneDNN)
 
 
 @dataclass
@@ -534,7 +559,11 @@ def _body(model: StaticModel, seg: Segment) -> Body:
                 channels_out=info.get("channels", 1), pointwise=info.get("pw", False),
                 pad_copies=_window(rule) and rule.kind != "pad",
                 shared_source=readers.get(src.name, 0) > 1,
-                frees_source=s_src if s_src >= 0 and last[s_src] == i else -1))
+                frees_source=s_src if s_src >= 0 and last[s_src] == i else -1,
+                batch=tm.shape[0] if hasattr(tm, "shape") else 1,
+                kernel=info.get("kernel", ()), stride=info.get("stride", ()),
+                dilation=info.get("dilation", ()), groups=info.get("groups", 1),
+                itemsize=tm.dtype.itemsize if hasattr(tm, "shape") and tm.dtype == torch.float32 else 0))
     macs_pp = np.array([model.info.get(nm, {}).get("macs", 0) / max(math.prod(facts(by_name[nm]).sizes), 1)
                         for nm in names])
     costs = [model.cost(n) for n in seg.nodes]
@@ -555,17 +584,36 @@ def _body(model: StaticModel, seg: Segment) -> Body:
     col = lambda f, dtype=float: np.array([f(op) for op in ops], dtype=dtype)
     op_arrays = dict(
         pos=col(lambda o: o.position, int), src_bpp=col(lambda o: o.source_bpp),
+        channels=col(lambda o: o.channels_in * o.batch),
         out_bpp=col(lambda o: o.out_bpp), reorders_in=col(lambda o: o.channels_in > 4, bool),
         round16=col(lambda o: (-(-o.channels_out // 16) * 16) / max(o.channels_out, 1)),
         w=col(lambda o: o.weight_bytes), pw=col(lambda o: o.pointwise, bool),
         conv=col(lambda o: o.kind == "conv", bool), maxpool=col(lambda o: o.kind == "maxpool", bool),
         shared=col(lambda o: o.shared_source, bool), pads=col(lambda o: o.pad_copies, bool),
-        frees=col(lambda o: o.frees_source, int))
+        frees=col(lambda o: o.frees_source, int),
+        # ATen's own im2col path for small float32 windows (passes.memory.uses_onednn): the
+        # elements at or below which it takes it, and its column bytes per output position
+        im2col_below=col(lambda o: _im2col_threshold(o)),
+        cols_pp=col(lambda o: im2col_workspace(o.channels_in, o.kernel, o.stride, (0,) * len(o.kernel),
+                                               1, o.batch, o.itemsize) if o.kernel else 0.0))
     seg.body = Body(held=A, owner=owner, storage_bpp=bpp_storage, ops=ops, macs_pp=macs_pp,
                     fixed=fixed, time_pp=time_pp, knee_px=knee, at_knee=at_knee, slope=slope,
                     untiled_s=untiled_s, calls_s=calls * model.cal.pointwise_call_s,
                     scratch_pp=scratch_pp, op_arrays=op_arrays)
     return seg.body
+
+
+def _im2col_threshold(op: WindowOp) -> float:
+    """Input elements at or below which ATen runs ``op`` through its im2col path (-1: never,
+    whatever its window): ``uses_onednn`` asked at the largest window it could decline."""
+    if op.kind != "conv" or not op.kernel or not op.itemsize or len(op.kernel) != 2:
+        return -1.0
+    big = float("inf")
+    if uses_onednn(op.batch, big, op.kernel, op.stride, op.dilation, op.groups, torch.get_num_threads()):
+        # oneDNN for large inputs: below 20480 elements ATen's own path, if the rule says so
+        return 20480.0 if not uses_onednn(op.batch, 20480, op.kernel, op.stride, op.dilation,
+                                          op.groups, torch.get_num_threads()) else -1.0
+    return float("inf")  # never oneDNN (a 1x1 convolution on one thread)
 
 
 def tile_cost(model: StaticModel, seg: Segment, grid: tuple[int, ...]) -> TileCost | None:
@@ -599,6 +647,10 @@ def tile_cost(model: StaticModel, seg: Segment, grid: tuple[int, ...]) -> TileCo
             held = np.maximum(np.where(o["reorders_in"][:, None], crop, 0.0) + o["w"][:, None]
                               + out16 + np.where(o["pw"][:, None], out_b, 0.0), out16 + out_b)
             ws = np.where(o["conv"][:, None], np.maximum(held - out_b, 0.0), ws)
+            # A window of at most im2col_below elements runs ATen's im2col path instead.
+            numel = crop / np.maximum(o["src_bpp"][:, None], 1e-30) * o["channels"][:, None]
+            small = numel <= o["im2col_below"][:, None]
+            ws = np.where(small, o["cols_pp"][:, None] * Ls[idx], ws)
             ws = np.where(o["maxpool"][:, None], 2 * out_b, ws)
         here = total[idx]
         # A window narrowed out of a producer read by several ops: halo_crop copies it.

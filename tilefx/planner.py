@@ -36,13 +36,17 @@ from typing import Any, Callable, NamedTuple
 from torch.fx import GraphModule
 
 from .capture import as_inputs
-from .cost import Calibration, calibrate
+from .cost import Calibration, NodeCost, calibrate
 from .errors import TilingError
+from .passes.receptive_field import facts
+from .passes.recompute import (is_splittable, recompute_origin, recompute_skips, skip_chain,
+                               why_not_again)
+from .passes.regions import tensor_valued
 from .plan_model import MAX_SKIPS, Boundary, Segment, StaticModel, tile_cost
 from .plans import BUDGET_MARGIN, KNEE_SLOPE, Frontier, Plan, RegionChoice, pareto
 
 __all__ = ["RegionChoice", "Plan", "Frontier", "RegionOption", "plan", "frontier", "fixed_plan",
-           "recompute_tiles", "multipass_tiles", "STRATEGIES", "MAX_PASSES", "calibrate", "Calibration", "MAX_TILES",
+           "recompute_tiles", "multipass_tiles", "recompute_variants", "variant_costs", "STRATEGIES", "MAX_PASSES", "calibrate", "Calibration", "MAX_TILES",
            "MAX_REGIONS", "MAX_SKIPS", "KNEE_SLOPE", "BUDGET_MARGIN"]
 
 #: Tile counts tried per axis.
@@ -164,6 +168,7 @@ class _Candidate(NamedTuple):
     time_s: float
     extra_macs: float
     regions: tuple[RegionChoice, ...]
+    recompute: tuple[str, ...] = ()
 
 
 #: Partial plans kept per boundary by the search: beyond this many Pareto-optimal ones, the
@@ -185,6 +190,9 @@ def frontier(gm: GraphModule, example_inputs: Any, *, max_regions: int = MAX_REG
              tiles: tuple[int, ...] | None = None) -> Frontier:
     """Every Pareto-optimal plan for an annotated GraphModule (arguments as for :func:`plan`).
 
+    The plans of the graph itself and of its variants that compute a U-Net's long skips again
+    instead of storing them (:func:`recompute_variants`) join one frontier.
+
     >>> import torch, torchvision
     >>> from tilefx import prepare
     >>> x = torch.randn(1, 3, 224, 224)
@@ -200,11 +208,33 @@ def frontier(gm: GraphModule, example_inputs: Any, *, max_regions: int = MAX_REG
             f"tiles={tiles}: one tile is the whole map, which does not lower peak memory, so the "
             "planner never chooses it; ask for at least 2 tiles on some axis, leave tiles unset "
             "to let the planner choose, or pass merge= with tiles=1 to run a region as one tile")
-    model = StaticModel(gm, inputs, calibration or calibrate(), timing)
+    cal = calibration or calibrate()
+    model = StaticModel(gm, inputs, cal, timing)
     base_time, base_peak = model.base_time, model.baseline_peak
+    final = _search(model, tiles, max_regions)
+    for skips in recompute_variants(model):
+        variant = recompute_skips(gm, skips)
+        vmodel = StaticModel(variant, inputs, cal, timing, costs=variant_costs(variant, model))
+        more = vmodel.total_macs - model.total_macs
+        final += [c._replace(extra_macs=c.extra_macs + more, recompute=skips)
+                  for c in _search(vmodel, tiles, max_regions)]
+    if not final:
+        raise TilingError(
+            f"tiles={tiles}: no merge node has a region whose outputs are at least that many "
+            f"positions per axis at input shape {tuple(inputs.spatial.shape)}; use fewer tiles "
+            "or a larger input"
+        )
+    return Frontier.of(
+        Plan(regions=c.regions, peak_bytes=int(round(c.peak_bytes)),
+             baseline_peak_bytes=int(base_peak), extra_compute=c.extra_macs / max(model.total_macs, 1),
+             time_s=c.time_s, baseline_time_s=base_time, recompute=c.recompute)
+        for c in pareto(final, lambda c: c.peak_bytes, lambda c: c.time_s))
+
+
+def _search(model: StaticModel, tiles: tuple[int, ...] | None, max_regions: int) -> list[_Candidate]:
+    """The Pareto-optimal plans of one graph: a path over its boundaries (module docstring)."""
     bounds = model.boundaries
     starts = {b.position for b in model.chain_starts()}
-
     too_deep: set[int] = set()  # starts whose multi-pass regions already took too many passes
 
     def region_options(a: Boundary, b: Boundary) -> list[tuple[Segment, list[RegionOption]]]:
@@ -228,13 +258,12 @@ def frontier(gm: GraphModule, example_inputs: Any, *, max_regions: int = MAX_REG
         # With a user-fixed grid a plan must tile something: keep tiled partial plans apart.
         return bool(c.regions) if tiles else None
 
-    # The search: a plan is a path over the boundaries, each step either untiled layers or a
-    # region from one boundary to a later one. A span's peak depends only on what runs in it
-    # (the tensors stored across a boundary are full-size whatever ran before), so a plan's
-    # peak is the max of its spans' and its time the sum: the Pareto-optimal partial plans up
-    # to each boundary are combined exactly with every next step.
+    # A step's peak depends only on what runs in it (the tensors stored across a boundary are
+    # full-size whatever ran before), so a plan's peak is the max of its steps' and its time the
+    # sum: the Pareto-optimal partial plans up to each boundary combine exactly with every next
+    # step.
     partial: list[list[_Candidate]] = [[] for _ in bounds]
-    partial[0] = [_Candidate(0.0, base_time, 0.0, ())]
+    partial[0] = [_Candidate(0.0, model.base_time, 0.0, ())]
     for j in range(1, len(bounds)):
         b = bounds[j]
         peak = model.untiled_peak(bounds[j - 1], b)
@@ -243,7 +272,7 @@ def frontier(gm: GraphModule, example_inputs: Any, *, max_regions: int = MAX_REG
             a = bounds[i]
             if a.position not in starts or not partial[i]:
                 continue
-            if sum(1 for c in partial[i] if len(c.regions) < max_regions) == 0:
+            if not any(len(c.regions) < max_regions for c in partial[i]):
                 continue
             merge = (model.nodes[b.position].name,)
             start = tuple(t.name for t in a.alive)
@@ -262,18 +291,49 @@ def frontier(gm: GraphModule, example_inputs: Any, *, max_regions: int = MAX_REG
             by_key.setdefault(key(c), []).append(c)
         partial[j] = [c for group in by_key.values()
                       for c in _thin(pareto(group, lambda c: c.peak_bytes, lambda c: c.time_s))]
-    final = [c for c in partial[-1] if c.regions or not tiles]
-    if not final:
-        raise TilingError(
-            f"tiles={tiles}: no merge node has a region whose outputs are at least that many "
-            f"positions per axis at input shape {tuple(inputs.spatial.shape)}; use fewer tiles "
-            "or a larger input"
-        )
-    return Frontier.of(
-        Plan(regions=c.regions, peak_bytes=int(round(c.peak_bytes)),
-             baseline_peak_bytes=int(base_peak), extra_compute=c.extra_macs / max(model.total_macs, 1),
-             time_s=c.time_s, baseline_time_s=base_time)
-        for c in pareto(final, lambda c: c.peak_bytes, lambda c: c.time_s))
+    return [c for c in partial[-1] if c.regions or not tiles]
+
+
+#: Long skips a plan may compute again (the largest first): one, then the two largest.
+MAX_RECOMPUTED_SKIPS = 2
+
+
+def recompute_variants(model: StaticModel) -> list[tuple[str, ...]]:
+    """Which skips the planner also tries to compute again instead of storing: tensors stored
+    across at least two U-Net levels whose computation from the graph's inputs holds only
+    spatial ops and norms (their statistics are kept), the largest first."""
+    levels = [b for b in model.boundaries if b.level]
+    crossing: dict[Any, int] = {}
+    for b in levels:
+        for t in b.alive:
+            crossing[t] = crossing.get(t, 0) + 1
+    long = [t for t, k in crossing.items() if k >= 2 and len(t.users) > 1
+            and why_not_again(t) is None
+            and all(facts(n).spatial or is_splittable(n) or not tensor_valued(n)
+                    for n in skip_chain(t))]
+    long.sort(key=lambda t: -model.bpp(t) * math.prod(facts(t).sizes))
+    return [tuple(t.name for t in long[:k]) for k in range(1, min(len(long), MAX_RECOMPUTED_SKIPS) + 1)]
+
+
+def variant_costs(variant: GraphModule, model: StaticModel) -> dict[str, NodeCost]:
+    """Per-node costs of a graph variant from the graph it was made from: a node computed again
+    costs what the original does; a split norm's moments and application half of the norm."""
+    out = {}
+    for n in variant.graph.nodes:
+        origin = recompute_origin(n)
+        if origin is None:
+            if n.name in model.costs:
+                out[n.name] = model.costs[n.name]
+            continue
+        name, role = origin
+        c = model.costs.get(name)
+        if c is None:
+            continue
+        if role in ("moments", "apply"):
+            c = NodeCost(c.fixed_s, 0.5 * c.per_pixel_s,
+                         None if c.full_s is None else 0.5 * c.full_s, c.full_px, c.knee_px)
+        out[n.name] = c
+    return out
 
 
 def fixed_plan(gm: GraphModule, example_inputs: Any, regions: list[RegionChoice]) -> Plan:

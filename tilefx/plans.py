@@ -113,6 +113,9 @@ class Plan:
     time_s: float | None
     baseline_time_s: float | None
     frontier: "Frontier | None" = field(default=None, compare=False, repr=False)
+    #: skips computed again from the graph's inputs for their late readers instead of stored
+    #: (``passes.recompute``), applied before the regions
+    recompute: tuple[str, ...] = ()
 
     @property
     def predicted(self) -> bool:
@@ -139,6 +142,8 @@ class Plan:
 
     def __str__(self) -> str:
         what = " then ".join(map(str, self.regions)) if self.regions else "untiled"
+        if self.recompute:
+            what = f"compute {', '.join(self.recompute)} again; {what}"
         if not self.predicted:
             return f"{what} (fixed by the user; no predictions)"
         return (f"{what}: peak {self.peak_bytes / 2**20:.2f} MiB ({self.ratio:.1f}x lower than "

@@ -816,6 +816,30 @@ class NormApply(OpEntry):
 KINDS["norm_apply"] = NormApply()
 
 
+@register(kernels.group_moments)
+class GroupMoments(OpEntry):
+    """A norm's statistic as a node of its own (``kernels.group_moments(x, groups, eps, nsp)``:
+    mean and 1/sqrt(var + eps) per sample and group), as ``passes.recompute`` splits a norm
+    whose application is recomputed: a reduction a multi-pass region finds in a pass."""
+
+    def rule(self, ctx: RuleContext) -> Barrier:
+        x, groups, eps = ctx.node.args[:3]
+        stat = Statistic("moments", groups=int(groups), eps=float(eps))
+        return Barrier("group moments reduce over space (a statistic of the whole map)",
+                       reduction="group_norm", statistic=stat)
+
+
+@register(kernels.norm_apply)
+class NormApplyNode(OpEntry):
+    """``kernels.norm_apply(x, moments, weight, bias)`` as a node of the graph: pointwise in
+    ``x``; the moments, weight and bias pass through uncropped."""
+
+    kind = "norm_apply_node"
+
+    def rule(self, ctx: RuleContext) -> SpatialRule | Barrier:
+        return pointwise_rule(ctx, self, [ctx.node.args[0]])
+
+
 @register(*_ops("adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
                 "_adaptive_avg_pool2d", "_adaptive_avg_pool3d", "adaptive_max_pool1d",
                 "adaptive_max_pool2d", "adaptive_max_pool3d"))

@@ -96,10 +96,14 @@ class Accumulator:
         dims = tuple(range(piece.dim() - nsp, piece.dim()))
         self.dtype = piece.dtype
         if stat.kind == "moments":
-            n, c = piece.shape[:2]
-            x = piece.to(_acc_dtype(piece)).reshape(n, stat.groups, c // stat.groups, -1)
-            var, mean = torch.var_mean(x, dim=(2, 3), correction=0)
-            count = x.shape[2] * x.shape[3]
+            c = piece.shape[1]
+            # Views only (a tile's owned piece is a strided view of its window; reshaping it
+            # would copy it): split the channels into groups, reduce each group's channels and
+            # positions. Float16 and bfloat16 pieces are upcast (a copy of the piece).
+            x = piece.to(_acc_dtype(piece)).unflatten(1, (stat.groups, c // stat.groups))
+            dims = tuple(range(2, x.dim()))
+            var, mean = torch.var_mean(x, dim=dims, correction=0)
+            count = math.prod(x.shape[2:])
             mean, m2 = mean.double(), var.double() * count
             if self.mean is None:
                 self.count, self.mean, self.m2 = count, mean, m2
