@@ -1,13 +1,24 @@
-"""Regenerate BENCHMARKS.md from real runs: measured peaks, latency, error, plans.
+"""Regenerate BENCHMARKS.md from real runs: measured peaks, latency, error, plans, peers.
 
-    python benchmarks/run.py                       # default set (about 15 minutes on 2 cores)
-    python benchmarks/run.py --sizes 224 1024 2048 --models resnet50 --out BENCHMARKS.md
+    python benchmarks/run.py                                # every section (about 40 minutes on 2 cores)
+    python benchmarks/run.py --sections frontier --models resnet50 --sizes 1024
+    python benchmarks/run.py --no-peers --out /tmp/B.md
 
-For every model and input size: the planner's default (knee) plan and its lowest-peak plan are
-applied with tilefx's passes; each is measured against the untiled captured model in the same
-process: peak memory with ``tilefx.measure.peak_memory`` (allocator events), latency with
-``tilefx.measure.latency`` (alternating runs), max abs error against eager. Numbers are never
-edited by hand: rerun the command.
+Every row plans with the default time model (measured on this machine), applies the chosen plan
+with ``tilefx.apply`` and measures it against the untiled captured graph in the same process:
+peak memory with ``tilefx.measure.peak_memory`` (allocator events; the eager model's peak is
+shown too where it differs), latency with ``tilefx.measure.latency`` (alternating runs), max abs
+error against eager. Sections:
+
+* ``frontier``: the planner's default (memory first within its +15% bound), its lowest-peak
+  plan, a 40 MiB budget (ResNet-50 @1024) and plans chosen by hand, at 224 and 1024;
+* ``statistics``: networks with squeeze-and-excitation, group and instance norms, each row
+  ``transform(model, x, max_overhead=B - 1)`` for the row's latency bound B, beside the peers
+  (diffusers' tiled VAE decode, MONAI's sliding window) on the same inputs;
+* ``streaming`` (when the streaming strategy is present): U-Nets and segmentation networks,
+  rows with their latency bounds, beside MONAI's sliding window and lightstream.
+
+Numbers are never edited by hand: rerun the command.
 """
 
 from __future__ import annotations
@@ -18,6 +29,8 @@ import os
 import platform
 import sys
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torchvision
@@ -26,197 +39,337 @@ import tilefx
 from tilefx import planner
 from tilefx.measure import latency, peak_memory
 from tilefx.passes.memory import simulate
-from tilefx.passes.tile_rewrite import tile_rewrite
 
-MODELS = {
-    "mobilenet_v2": lambda: torchvision.models.mobilenet_v2(),
-    "resnet50": lambda: torchvision.models.resnet50(),
-    "vgg16": lambda: torchvision.models.vgg16(),
-    "efficientnet_b0": lambda: torchvision.models.efficientnet_b0(),
-    "densenet121": lambda: torchvision.models.densenet121(),
-    "regnet_y_400mf": lambda: torchvision.models.regnet_y_400mf(),
-    "convnext_tiny": lambda: torchvision.models.convnext_tiny(),
-    "fcn_resnet50": lambda: torchvision.models.segmentation.fcn_resnet50(
-        weights=None, weights_backbone=None, aux_loss=False),
+sys.path.insert(0, os.path.dirname(__file__))
+import peers  # noqa: E402  (benchmarks/ is not a package)
+
+MIB = 2**20
+
+
+def _tv(name: str, **kw) -> Callable[[int], tuple[torch.nn.Module, torch.Tensor]]:
+    def build(size: int):
+        torch.manual_seed(0)
+        return torchvision.models.get_model(name, weights=None, **kw).eval(), torch.randn(1, 3, size, size)
+    return build
+
+
+def _timm(name: str):
+    def build(size: int):
+        import timm
+
+        torch.manual_seed(0)
+        return timm.create_model(name, pretrained=False).eval(), torch.randn(1, 3, size, size)
+    return build
+
+
+def _basicunet(norm: str):
+    def build(size: int):
+        return peers.build_basicunet(norm), peers.example_input((1, 3, size, size))
+    return build
+
+
+class VAEDecoder(torch.nn.Module):
+    """``vae.decode(z).sample`` as a module (the call tilefx captures)."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, z):
+        return self.vae.decode(z).sample
+
+
+def _vae(size: int):
+    return VAEDecoder(peers.build_vae()).eval(), peers.example_input((1, 4, size // 8, size // 8))
+
+
+def _smp_unet(size: int):
+    import segmentation_models_pytorch as smp
+
+    torch.manual_seed(0)
+    return smp.Unet("resnet34", encoder_weights=None, classes=2).eval(), torch.randn(1, 3, size, size)
+
+
+#: name -> builder(size) -> (model in eval mode, example input)
+MODELS: dict[str, Callable[[int], tuple[torch.nn.Module, torch.Tensor]]] = {
+    "mobilenet_v2": _tv("mobilenet_v2"),
+    "resnet50": _tv("resnet50"),
+    "vgg16": _tv("vgg16"),
+    "efficientnet_b0": _tv("efficientnet_b0"),
+    "densenet121": _tv("densenet121"),
+    "regnet_y_400mf": _tv("regnet_y_400mf"),
+    "mobilenet_v3_large": _tv("mobilenet_v3_large"),
+    "convnext_tiny": _tv("convnext_tiny"),
+    "fcn_resnet50": _tv("fcn_resnet50", weights_backbone=None, aux_loss=False),
+    "timm_vgg16": _timm("vgg16"),
+    "basicunet": _basicunet("instance"),
+    "basicunet_bn": _basicunet("batch"),
+    "vae_decoder": _vae,
+    "smp_unet": _smp_unet,
 }
 
-#: Plans chosen by hand (issue 2's check: a merge node and a 4x4 grid picked by a person).
-HAND = {
-    "resnet50": planner.RegionChoice(("layer3",), (4, 4)),
-    "mobilenet_v2": planner.RegionChoice(("features.7",), (4, 4)),
-}
 
-PUBLISHED = [
-    ("MobileNetV2", "receptive-field tiling paper", "5.3x lower peak"),
-    ("ResNet-50", "receptive-field tiling paper", "2.3x lower peak"),
-    ("MobileNetV2", "MCUNetV2 (patch-based inference)", "8x lower peak (int8, input not counted)"),
+@dataclass(frozen=True)
+class Row:
+    """One benchmark row: a model at a size, the plan choice, the issue's target."""
+
+    section: str
+    model: str
+    size: int
+    choice: str                  # "default", "lowest", "max_overhead", "budget", "hand"
+    bound: float | None = None   # the latency bound B (max_overhead = B - 1)
+    ratio: float | None = None   # the target: at least this much lower peak
+    budget: int | None = None
+    hand: planner.RegionChoice | None = None
+    peer: str | None = None      # a peers.PEERS key measured on the same input, in the next row
+
+
+ROWS = [
+    # issue 10's defaults, and the frontier's lowest peak
+    *(Row("frontier", m, s, c) for s in (224, 1024)
+      for m in ("mobilenet_v2", "resnet50", "vgg16", "densenet121", "convnext_tiny")
+      for c in ("default", "lowest")),
+    Row("frontier", "resnet50", 1024, "budget", budget=40 * MIB),
+    Row("frontier", "resnet50", 1024, "hand", hand=planner.RegionChoice(("layer3",), (4, 4))),
+    Row("frontier", "mobilenet_v2", 1024, "hand", hand=planner.RegionChoice(("features.7",), (4, 4))),
+    Row("frontier", "timm_vgg16", 512, "default"),
+    # issue 9: statistics over the whole map, with the rows' latency bounds
+    Row("statistics", "efficientnet_b0", 1024, "max_overhead", bound=1.6, ratio=5),
+    Row("statistics", "mobilenet_v3_large", 1024, "max_overhead", bound=1.6, ratio=5),
+    Row("statistics", "regnet_y_400mf", 1024, "max_overhead", bound=1.6, ratio=4),
+    Row("statistics", "basicunet", 1024, "max_overhead", bound=2.5, ratio=5, peer="monai_instance"),
+    Row("statistics", "vae_decoder", 1024, "max_overhead", bound=2.5, ratio=3, peer="vae_tiling"),
+    Row("statistics", "efficientnet_b0", 224, "default"),
+    # issue 11: streaming, with the rows' latency bounds
+    Row("streaming", "fcn_resnet50", 1024, "max_overhead", bound=1.3, ratio=3),
+    Row("streaming", "smp_unet", 1024, "max_overhead", bound=1.3, ratio=5),
+    Row("streaming", "basicunet_bn", 1024, "max_overhead", bound=1.1, ratio=13, peer="monai_batch"),
+    Row("streaming", "mobilenet_v2", 1024, "max_overhead", bound=1.0, ratio=16,
+        peer="lightstream_1024"),
 ]
-
-TARGETS = {  # (model, size): (ratio at least, latency at most)
-    ("mobilenet_v2", 224): (6.0, 1.15), ("resnet50", 224): (3.0, 1.2),
-    ("mobilenet_v2", 1024): (10.0, 1.15), ("resnet50", 1024): (6.0, 1.2),
-}
 
 
 def mib(b: float) -> str:
-    return f"{b / 2**20:.1f}"
+    return f"{b / MIB:.1f}"
 
 
-def apply(gm, p):
-    out = gm
-    for r in p.regions:
-        out = tile_rewrite(out, r.merge, r.tiles, start=r.start)
+def _first(out):
+    if isinstance(out, dict):
+        out = out.get("out", next(iter(out.values())))
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _choose(front: planner.Frontier, row: Row) -> planner.Plan:
+    if row.choice == "default":
+        return front.choose()
+    if row.choice == "lowest":
+        return front.lowest_peak()
+    if row.choice == "max_overhead":
+        return front.choose(max_overhead=row.bound - 1)
+    if row.choice == "budget":
+        return front.choose(memory_budget=row.budget)
+    raise ValueError(row.choice)
+
+
+def bench(model_name: str, size: int, rows: list[Row], repeats: int) -> list[dict]:
+    """Every row of one model at one size: one capture, one frontier, one untiled baseline."""
+    model, x = MODELS[model_name](size)
+    with torch.no_grad():
+        want = _first(model(x))
+    gm = tilefx.prepare(model, x)
+    t0 = time.perf_counter()
+    front = planner.frontier(gm, x)
+    plan_s = time.perf_counter() - t0
+    base_peak = peak_memory(gm, x)
+    eager_peak = peak_memory(model, x)
+    base_pred = simulate(gm, x).peak_bytes
+    out, seen = [], {}
+    for row in rows:
+        if row.choice == "hand":
+            plan = planner.fixed_plan(gm, x, [row.hand])
+        else:
+            try:
+                plan = _choose(front, row)
+            except tilefx.TilingError as e:
+                print(f"  {model_name}@{size} {row.choice}: {e}", file=sys.stderr)
+                continue
+        label = (f"max_overhead={row.bound - 1:g}" if row.choice == "max_overhead"
+                 else f"budget {mib(row.budget)} MiB" if row.choice == "budget"
+                 else f"by hand ({row.hand})" if row.choice == "hand" else row.choice)
+        key = (plan.regions, plan.recompute)
+        if key in seen and row.peer is None:
+            seen[key]["label"] += f", {label}"
+            continue
+        tiled = tilefx.apply(gm, plan)
+        with torch.no_grad():
+            got = _first(tiled(x))
+        err = float((got.double() - want.double()).abs().max())
+        peak = peak_memory(tiled, x)
+        stats = latency({"base": gm, "tiled": tiled}, x, repeats=repeats, warmup=1)
+        r = dict(section=row.section, model=model_name, size=size, label=label,
+                 plan=str(plan).split(": peak")[0], base_peak=base_peak, eager_peak=eager_peak,
+                 base_pred=base_pred, peak=peak, pred=plan.peak_bytes,
+                 sim=simulate(tiled, x).peak_bytes, ratio=base_peak / max(peak, 1),
+                 lat=stats["tiled"].median_s / stats["base"].median_s,
+                 pred_lat=(1 + plan.overhead) if plan.predicted else float("nan"),
+                 base_ms=stats["base"].median_s * 1e3,
+                 extra=plan.extra_compute if plan.predicted else float("nan"), err=err,
+                 rel_err=err / max(float(want.abs().max()), 1e-30), plan_s=plan_s,
+                 target=(row.ratio, row.bound), regions=len(plan.regions))
+        seen[key] = r
+        out.append(r)
+        print(f"  {model_name}@{size} {label}: {r['plan'][:90]} peak {mib(peak)}/{mib(base_peak)} MiB "
+              f"({r['ratio']:.2f}x), latency {r['lat']:.2f}x (pred {r['pred_lat']:.2f}x), "
+              f"err {err:.1e}", file=sys.stderr)
+        if row.peer:
+            out.append(dict(section=row.section, peer=_peer(row.peer, repeats)))
     return out
 
 
-def bench(name: str, size: int, repeats: int, budget: int | None) -> list[dict]:
-    torch.manual_seed(0)
-    model = MODELS[name]().eval()
-    x = torch.randn(1, 3, size, size)
-    gm = tilefx.prepare(model, x)
-    with torch.no_grad():
-        want = model(x)
-    want = want["out"] if isinstance(want, dict) else want
-    t0 = time.perf_counter()
-    default = planner.plan(gm, x)
-    plan_s = time.perf_counter() - t0
-    chosen = {"default (knee)": default, "lowest peak": default.pareto()[-1]}
-    if budget is not None:
-        try:
-            chosen[f"budget {mib(budget)} MiB"] = planner.plan(gm, x, memory_budget=budget)
-        except tilefx.TilingError as e:
-            print(f"  budget: {e}", file=sys.stderr)
-    if name in HAND and size >= 1024:
-        hand = HAND[name]
-        tiled = tile_rewrite(gm, list(hand.merge), hand.tiles)
-        sim = simulate(tiled, x).peak_bytes
-        chosen[f"by hand ({hand})"] = planner.Plan(
-            regions=(hand,), peak_bytes=sim, baseline_peak_bytes=default.baseline_peak_bytes,
-            extra_compute=float("nan"), time_s=float("nan"), baseline_time_s=default.baseline_time_s)
-    base_peak = peak_memory(gm, x)
-    base_pred = simulate(gm, x).peak_bytes
-    rows = []
-    seen = {}
-    for label, p in chosen.items():
-        key = p.regions
-        if key in seen:
-            seen[key]["plan_label"] += f", {label}"
-            continue
-        tiled = apply(gm, p)
-        with torch.no_grad():
-            got = tiled(x)
-        got = got["out"] if isinstance(got, dict) else got
-        err = (got - want).abs().max().item()
-        peak = peak_memory(tiled, x)
-        stats = latency({"base": gm, "tiled": tiled}, x, repeats=repeats, warmup=1)
-        row = dict(model=name, size=size, plan_label=label, plan=str(p).split(":")[0],
-                   base_peak=base_peak, base_pred=base_pred, peak=peak, pred=p.peak_bytes,
-                   sim=simulate(tiled, x).peak_bytes,
-                   ratio=base_peak / max(peak, 1), lat=stats["tiled"].median_s / stats["base"].median_s,
-                   pred_lat=1 + p.overhead, base_ms=stats["base"].median_s * 1e3,
-                   extra=p.extra_compute, err=err, plan_s=plan_s, frontier=len(p.pareto()))
-        seen[key] = row
-        rows.append(row)
-        print(f"  {name}@{size} {label}: {row['plan']} peak {mib(peak)}/{mib(base_peak)} MiB "
-              f"({row['ratio']:.2f}x), latency {row['lat']:.2f}x, err {err:.2g}", file=sys.stderr)
-    return rows
+def _peer(name: str, repeats: int) -> peers.PeerRecord | str:
+    needs, run, default_repeats = peers.PEERS[name]
+    missing = [p for p in needs if not peers._have(p)]
+    if missing:
+        return f"{name}: not measured ({', '.join(missing)} not installed)"
+    return run(min(repeats, default_repeats))
 
 
 def _num(v: float, spec: str) -> str:
-    """A number, or '-' where the row has none (a plan chosen by hand has no time prediction)."""
     return "-" if v != v else format(v, spec)
 
 
-def render(rows: list[dict], args, wall: float) -> str:
+SECTIONS = {
+    "frontier": ("Plans on the frontier", "The planner's default (memory first: the lowest "
+                 "predicted peak within +15% predicted time), its lowest-peak plan, a budget and "
+                 "plans chosen by hand."),
+    "statistics": ("Statistics over the whole map (squeeze-and-excitation, GroupNorm, InstanceNorm)",
+                   "Each row is `transform(model, x, max_overhead=B - 1)` for the row's latency "
+                   "bound B; the peer rows run the peers' own methods on the same input."),
+    "streaming": ("U-Nets and segmentation networks", "Each row is `transform(model, x, "
+                  "max_overhead=B - 1)` for the row's latency bound B."),
+}
+
+
+def render(rows: list[dict], argv: list[str], wall: float) -> str:
     cal = planner.calibrate()
     lines = [
-        "# tilefx benchmarks",
-        "",
-        "Generated by `python benchmarks/run.py "
-        + " ".join(a for a in sys.argv[1:]) + "`; do not edit by hand.",
-        "",
+        "# tilefx benchmarks", "",
+        "Generated by `python benchmarks/run.py " + " ".join(argv) + "`; do not edit by hand.", "",
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
         f"- machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPU cores, "
-        f"torch threads {torch.get_num_threads()}, {platform.platform()}",
-        f"- torch {torch.__version__}, torchvision {torchvision.__version__}, python {platform.python_version()}",
+        f"torch threads {torch.get_num_threads()}, load average at the start "
+        f"{os.getloadavg()[0]:.1f}, {platform.platform()}",
+        f"- torch {torch.__version__}, torchvision {torchvision.__version__}, python "
+        f"{platform.python_version()}; " + ", ".join(f"{p} {peers._version(p)}" for p in
+                                                     ("diffusers", "monai", "lightstream", "timm")),
         "- device: CPU, float32, NCHW, batch 1, eval mode, random weights (weights=None)",
         f"- time model calibration: {cal.call_s * 1e6:.0f} us per window-op call, "
         f"{cal.pointwise_call_s * 1e6:.0f} us per other call, "
-        f"{cal.reorder_s_per_byte * 2**30:.3f} s per GiB of weights reordered (oneDNN); "
-        "per-node times measured on the untiled model (`tilefx.cost`)",
-        f"- wall time of this run: {wall / 60:.1f} min",
-        "",
+        f"{cal.reorder_s_per_byte * 2**30:.3f} s per GiB of weights reordered (oneDNN); every node "
+        "timed on the whole map and on tile-sized windows (`tilefx.cost`)",
+        f"- wall time of this run: {wall / 60:.1f} min", "",
         "Peak = highest total of tensor bytes allocated during the call and alive at once "
         "(torch.profiler allocator events; the caller's input and the weights are not counted, "
-        "oneDNN's scratch buffers are). *base* is the untiled captured model; *predicted* is the "
-        "planner's static prediction (`tilefx.passes.memory`), *sim* the simulator run on the "
-        "rewritten module. Latency ratio: medians of alternating runs in one process.",
-        "",
-        "| model | input | plan | chosen as | base peak MiB | tiled peak MiB | ratio | predicted MiB "
-        "(base / tiled / sim) | latency ratio (pred) | base ms | extra MACs | max abs err | plan s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "oneDNN's scratch buffers are). *base* is the untiled captured graph (*eager*, the model "
+        "itself, where it differs); *predicted* is the planner's static prediction "
+        "(`tilefx.passes.memory`), *sim* the simulator run on the rewritten module. Latency ratio: "
+        "medians of alternating runs in one process; (pred) is the planner's prediction. Error: "
+        "max abs difference from eager, and relative to the output's largest magnitude.", "",
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['model']} | {r['size']} | `{r['plan']}` | {r['plan_label']} | {mib(r['base_peak'])} | "
-            f"{mib(r['peak'])} | **{r['ratio']:.2f}x** | {mib(r['base_pred'])} / {mib(r['pred'])} / {mib(r['sim'])} | "
-            f"{r['lat']:.2f}x ({_num(r['pred_lat'], '.2f')}x) | {r['base_ms']:.0f} | {_num(r['extra'], '+.1%')} | "
-            f"{r['err']:.1e} | {r['plan_s']:.1f} |")
-    lines += ["", "## Prediction accuracy", ""]
-    errs = []
-    for r in rows:
-        errs.append(abs(r["base_pred"] / r["base_peak"] - 1))
-        errs.append(abs(r["pred"] / r["peak"] - 1))
-    if errs:
-        within = sum(e <= 0.10 for e in errs)
-        lines.append(f"Predicted vs measured peak: {within} of {len(errs)} predictions within 10%; "
-                     f"largest error {max(errs):.1%}.")
-    lines += ["", "## Targets (issue 3)", "", "| target | measured | met |", "|---|---|---|"]
-    for (name, size), (want_ratio, want_lat) in TARGETS.items():
-        cands = [r for r in rows if r["model"] == name and r["size"] == size]
-        if not cands:
-            lines.append(f"| {name}@{size}: >= {want_ratio}x at <= {want_lat}x latency | not run | - |")
+    for section, (title, text) in SECTIONS.items():
+        mine = [r for r in rows if r["section"] == section]
+        if not mine:
             continue
-        ok = [r for r in cands if r["ratio"] >= want_ratio and r["lat"] <= want_lat]
-        best = max(cands, key=lambda r: r["ratio"])
-        fast = [r for r in cands if r["lat"] <= want_lat]
-        best_fast = max(fast, key=lambda r: r["ratio"]) if fast else None
-        txt = (f"best ratio {best['ratio']:.2f}x (at {best['lat']:.2f}x latency); "
-               + (f"best within {want_lat}x latency: {best_fast['ratio']:.2f}x" if best_fast
-                  else f"no plan within {want_lat}x latency"))
-        lines.append(f"| {name}@{size}: >= {want_ratio}x at <= {want_lat}x latency | {txt} | "
-                     f"{'yes' if ok else 'no'} |")
-    bud = [r for r in rows if r["model"] == "resnet50" and r["size"] == 1024 and "budget" in r["plan_label"]]
-    if bud:
-        r = bud[0]
-        lines.append(f"| resnet50@1024 under a 40 MiB budget | measured peak {mib(r['peak'])} MiB "
-                     f"(predicted {mib(r['pred'])}) | {'yes' if r['peak'] <= 40 * 2**20 else 'no'} |")
-    lines += ["", "## Published figures (for reference, not comparable one to one)", "",
-              "| model | source | reported |", "|---|---|---|"]
-    lines += [f"| {m} | {s} | {v} |" for m, s, v in PUBLISHED]
-    lines.append("")
+        lines += [f"## {title}", "", text, "",
+                  "| model | input | plan | chosen as | base (eager) peak MiB | tiled peak MiB | ratio | "
+                  "predicted MiB (base / tiled / sim) | latency ratio (pred) | base ms | extra MACs | "
+                  "max abs err (rel) | plan s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in mine:
+            if "peer" in r:
+                lines.append(_peer_row(r["peer"]))
+                continue
+            eager = f" ({mib(r['eager_peak'])})" if abs(r["eager_peak"] - r["base_peak"]) > 0.02 * r["base_peak"] else ""
+            plan = r["plan"] if len(r["plan"]) < 160 else r["plan"][:157] + "..."
+            lines.append(
+                f"| {r['model']} | {r['size']} | `{plan}` ({r['regions']} regions) | {r['label']} | "
+                f"{mib(r['base_peak'])}{eager} | {mib(r['peak'])} | **{r['ratio']:.2f}x** | "
+                f"{mib(r['base_pred'])} / {mib(r['pred']) if r['pred'] else '-'} / {mib(r['sim'])} | "
+                f"{r['lat']:.2f}x ({_num(r['pred_lat'], '.2f')}x) | {r['base_ms']:.0f} | "
+                f"{_num(r['extra'], '+.1%')} | {r['err']:.1e} ({r['rel_err']:.0e}) | {r['plan_s']:.1f} |")
+        lines.append("")
+    lines += _accuracy(rows) + _targets(rows)
     return "\n".join(lines)
+
+
+def _peer_row(p) -> str:
+    if isinstance(p, str):
+        return f"| {p} | | | | | | | | | | | | |"
+    share = f", {p.class_change_share:.2%} of pixels change class" if p.class_change_share is not None else ""
+    return (f"| *peer:* {p.peer} on {p.model} | {'x'.join(map(str, p.input_shape[2:]))} | {p.setting} "
+            f"| approximate | {mib(p.untiled_peak_bytes)} (eager) | {mib(p.peer_peak_bytes)} | "
+            f"**{p.peak_ratio:.2f}x** | - | {p.latency_ratio:.2f}x | {p.untiled_time.median_s * 1e3:.0f} | - | "
+            f"{p.max_abs_error:.2g} ({p.relative_error:.0e}; mean {p.mean_abs_error:.2g}{share}) | - |")
+
+
+def _accuracy(rows: list[dict]) -> list[str]:
+    mine = [r for r in rows if "peer" not in r]
+    peaks = [abs(r["pred"] / r["peak"] - 1) for r in mine if r["pred"]]
+    peaks += [abs(r["base_pred"] / r["base_peak"] - 1) for r in mine]
+    lats = [abs(r["pred_lat"] / r["lat"] - 1) for r in mine if r["pred_lat"] == r["pred_lat"]]
+    if not peaks:
+        return []
+    out = ["## Prediction accuracy", "",
+           f"- Predicted vs measured peak: {sum(e <= 0.10 for e in peaks)} of {len(peaks)} within 10%; "
+           f"largest error {max(peaks):.1%}."]
+    if lats:
+        out.append(f"- Predicted vs measured latency ratio: {sum(e <= 0.25 for e in lats)} of {len(lats)} "
+                   f"within 25%; largest error {max(lats):.1%}.")
+    return out + [""]
+
+
+def _targets(rows: list[dict]) -> list[str]:
+    out = ["## Targets", "", "| row | target | measured | met |", "|---|---|---|---|"]
+    for r in rows:
+        if "peer" in r or r["target"] == (None, None):
+            continue
+        ratio, bound = r["target"]
+        want = f">= {ratio}x lower peak" + (f" at <= {bound}x latency" if bound else "")
+        ok = (ratio is None or r["ratio"] >= ratio) and (bound is None or r["lat"] <= bound)
+        out.append(f"| {r['model']}@{r['size']} ({r['label']}) | {want} | {r['ratio']:.2f}x at "
+                   f"{r['lat']:.2f}x | {'yes' if ok else 'no'} |")
+    return out + [""]
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    ap.add_argument("--sizes", nargs="+", type=int, default=[224, 1024])
+    ap.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
+    ap.add_argument("--models", nargs="+", default=None, choices=list(MODELS))
+    ap.add_argument("--sizes", nargs="+", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per variant (224: x4)")
+    ap.add_argument("--no-peers", action="store_true", help="skip the peers' rows")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "BENCHMARKS.md"))
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    rows = []
-    for size in args.sizes:
-        for name in args.models:
-            budget = 40 * 2**20 if (name == "resnet50" and size == 1024) else None
-            reps = args.repeats * 4 if size <= 256 else args.repeats
-            try:
-                rows += bench(name, size, reps, budget)
-            except Exception as e:  # one model failing must not lose the others' numbers
-                print(f"  {name}@{size} failed: {type(e).__name__}: {e}", file=sys.stderr)
+    todo = [r for r in ROWS if r.section in args.sections
+            and (args.models is None or r.model in args.models)
+            and (args.sizes is None or r.size in args.sizes)]
+    if args.no_peers:
+        todo = [Row(**{**r.__dict__, "peer": None}) for r in todo]
+    groups: dict[tuple[str, int], list[Row]] = {}
+    for r in todo:
+        groups.setdefault((r.model, r.size), []).append(r)
+    results = []
+    for (name, size), rows in groups.items():
+        reps = args.repeats * 4 if size <= 256 else args.repeats
+        try:
+            results += bench(name, size, rows, reps)
+        except Exception as e:  # one model failing must not lose the others' numbers
+            print(f"  {name}@{size} failed: {type(e).__name__}: {e}", file=sys.stderr)
+    order = {s: i for i, s in enumerate(SECTIONS)}
+    results.sort(key=lambda r: order[r["section"]])
     with open(args.out, "w") as f:
-        f.write(render(rows, args, time.perf_counter() - t0))
+        f.write(render(results, sys.argv[1:] if argv is None else list(argv), time.perf_counter() - t0))
     print(f"wrote {os.path.abspath(args.out)}", file=sys.stderr)
 
 

@@ -331,3 +331,22 @@ def test_a_region_between_squeeze_and_excitation_blocks():
         with torch.no_grad():
             # float32 through three convolutions: tile summation order, ~1e-6.
             torch.testing.assert_close(tiled(x), m(x), rtol=1e-5, atol=1e-5)
+
+
+def test_the_same_model_and_shape_plan_the_same():
+    """Plans depend on timings measured at plan time; under load the same models at the same
+    shapes were tiled in one run and left untiled in the next. Measurements are kept per
+    process (per graph, shape and machine constants), so planning again chooses the same plan
+    without measuring again."""
+    from tilefx import cost
+
+    _, x, gm = _setup("resnet18", 224)
+    cost.clear_measurements()
+    first = planner.plan(gm, x)
+    assert len(cost._MEASURED) == 1
+    again = planner.plan(gm, x)
+    assert (again.regions, again.recompute, again.time_s) == (first.regions, first.recompute, first.time_s)
+    assert len(cost._MEASURED) == 1, "the second plan measured again"
+    other = torch.randn(1, 3, 160, 160)
+    planner.plan(tilefx.prepare(_setup("resnet18", 224)[0], other), other)
+    assert len(cost._MEASURED) == 2, "another shape is another measurement"
