@@ -13,15 +13,17 @@ every value after its last use). A :class:`~tilefx.region.TiledRegion` call coun
 full-size output buffers plus the peak inside one tile: its body is fake-run once per distinct
 tile shape of the schedule.
 
-Operators also allocate scratch memory that no fx node names. On CPU, oneDNN (PyTorch's
-default convolution backend for float tensors) reorders a convolution's input, weight and
-output into blocked layouts for the duration of the call; the ``"cpu"`` workspace model adds
-those bytes (:func:`cpu_workspace`). It was calibrated against the profiler's allocator events
-(torch 2.14, NCHW float32): a convolution holds ``max(in + w + out16, out16 + out)`` bytes at
-once, where ``in`` is its input (not reordered when it has at most 4 channels), ``w`` its weight
-and ``out16`` its output with channels rounded up to 16; a strided 1x1 convolution holds one more
-output; max pooling holds two outputs besides its own. The weight reorder matters: ResNet's last
-3x3 convolutions reorder 9 MiB of weights, a floor no tiling of the early layers can lower.
+Operators also allocate scratch memory that no fx node names. On CPU (the ``"cpu"`` workspace
+model) every convolution and linear call, as captured or as an emitted primitive
+(``passes.primitives``), is charged the workspace of the primitive that runs it
+(``tilefx.primitives``: for a call as captured, the one ATen's dispatch picks for its input,
+so a tile's small window can run native where the whole map runs oneDNN). The formulas were
+calibrated against the profiler's allocator events (torch 2.14, float32, NCHW and
+channels-last): oneDNN reorders input, weight and output into blocked layouts for the call
+(on a channels-last input the weight alone, copied to channels-last first when it is not),
+native holds its im2col columns, a matrix product nothing. Max pooling holds two outputs
+besides its own. The weight reorder matters: ResNet's last 3x3 convolutions reorder 9 MiB of
+weights, a floor no tiling of the early layers can lower; the ``native`` primitive lowers it.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_flatten
 
 from ..kernels import Gather, write_tile
+from ..primitives import call_facts, onednn_nchw_workspace
 from ..region import TiledRegion
 from ..rules import cost_class, schema_args
 from .channels_last import ChannelsLastBlock
@@ -124,19 +127,9 @@ def liveness(steps: list[Step], keep: Iterable[Any] = ()) -> tuple[int, str, lis
 # --------------------------------------------------------------------------- workspace models
 
 
-def _round_channels(nbytes: int, channels: int, block: int = 16) -> int:
-    if channels <= 0:
-        return nbytes
-    return nbytes * (-(-channels // block) * block) // channels
-
-
-def conv_workspace(in_bytes: int, cin: int, w_bytes: int, out_bytes: int, cout: int,
-                   pointwise_strided: bool) -> int:
-    """oneDNN scratch bytes of one NCHW convolution, beyond its output (see the module doc)."""
-    in_r = in_bytes if cin > 4 else 0
-    out_b = _round_channels(out_bytes, cout)
-    held = max(in_r + w_bytes + out_b + (out_bytes if pointwise_strided else 0), out_b + out_bytes)
-    return max(held - out_bytes, 0)
+#: oneDNN scratch bytes of one NCHW convolution, beyond its output (bytes in, bytes out; the
+#: planner's vectorised model reads it): ``tilefx.primitives.onednn_nchw_workspace``.
+conv_workspace = onednn_nchw_workspace
 
 
 def tile_workspace_kind(node: torch.fx.Node, module: nn.Module | None) -> str | None:
@@ -149,15 +142,17 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def cpu_workspace(kind: str | None, x: Any, weight: Any, out: Any, kernel: tuple, stride: tuple) -> int:
-    """Scratch bytes of one op on CPU (oneDNN, float): see the module docstring."""
-    if kind is None or not isinstance(out, torch.Tensor) or not isinstance(x, torch.Tensor):
-        return 0
-    if kind == "maxpool":
+def cpu_workspace(node: torch.fx.Node, module: nn.Module | None, args: tuple, kwargs: dict,
+                  out: Any) -> int:
+    """Scratch bytes of one node's call on CPU, given its evaluated arguments: the workspace
+    of the convolution or linear primitive that runs it, or max pooling's (see the module
+    docstring)."""
+    if node.op == "call_function":
+        facts = call_facts(node.target, args, kwargs)
+        if facts is not None:
+            return facts.workspace_bytes or 0
+    if tile_workspace_kind(node, module) == "maxpool" and isinstance(out, torch.Tensor):
         return 2 * _nbytes(out)
-    if kind == "conv" and isinstance(weight, torch.Tensor) and x.dim() >= 3:
-        pw = all(k == 1 for k in kernel) and any(s > 1 for s in stride)
-        return conv_workspace(_nbytes(x), x.shape[1], _nbytes(weight), _nbytes(out), out.shape[1], pw)
     return 0
 
 
@@ -239,12 +234,12 @@ class _Recorder(torch.fx.Interpreter):
             step.transient = _block_transient(module, args[0], result, self.workspace, self.external)
             # per output position, so a tile's share follows its window (plan_model.tile_cost)
             info["transient_pp"] = step.transient / max(math.prod(result.shape[2:]), 1)
-        if kind is not None:
+        if kind == "conv":
             x, w, k_, s = _op_params(n, args, kwargs)
-            if kind == "conv" and isinstance(w, torch.Tensor):
+            if isinstance(w, torch.Tensor):
                 info.update(w_bytes=_nbytes(w), pw=all(k == 1 for k in k_) and any(v > 1 for v in s))
-            if self.workspace == "cpu":
-                step.transient = cpu_workspace(kind, x, w, result, k_, s)
+        if self.workspace == "cpu" and n.op == "call_function":
+            step.transient = cpu_workspace(n, module, args, kwargs, result)
         self.steps.append(step)
         return result
 

@@ -92,3 +92,33 @@ def test_a_transposed_convolution_has_no_convolution_workspace():
     gm = _annotated(nn.Sequential(nn.ConvTranspose2d(8, 8, 2, stride=2)), x)
     (node,) = [n for n in gm.graph.nodes if "conv" in str(n.target)]
     assert cost_class(node) is None, node.target
+
+
+class _LayerNormThenConv(nn.Module):
+    """ConvNeXt's downsampling step: LayerNorm2d (channels-last permutes around a layer norm),
+    then a 2x2 stride-2 convolution, which therefore reads a channels-last tensor."""
+
+    def __init__(self, cin=384, cout=768):
+        super().__init__()
+        self.norm = nn.LayerNorm(cin)
+        self.conv = nn.Conv2d(cin, cout, 2, stride=2)
+
+    def forward(self, x):
+        return self.conv(self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+
+
+def test_a_convolution_of_a_channels_last_input_reorders_its_weight_twice():
+    """oneDNN on a channels-last input copies the weight to channels-last, then reorders it
+    (2 x 4.5 MiB here); the NCHW formula charged input + weight and predicted ConvNeXt-T's
+    tiled default plan at 5.7 MiB against 9.4 measured."""
+    x = torch.randn(1, 384, 14, 14)
+    gm = _annotated(_LayerNormThenConv(), x)
+    _close(simulate(gm, x).peak_bytes, peak_memory(gm, x), tol=0.02)
+
+
+def test_a_small_window_runs_the_native_convolution():
+    """ATen runs a batch-1, 3x3, groups-1 float32 convolution of at most 20480 input elements
+    natively (im2col columns, 0.56 MiB here), not on oneDNN (0.15 MiB predicted before)."""
+    x = torch.randn(1, 64, 16, 16)
+    gm = _annotated(nn.Sequential(nn.Conv2d(64, 64, 3, padding=1)), x)
+    _close(simulate(gm, x).peak_bytes, peak_memory(gm, x), tol=0.02)

@@ -22,7 +22,8 @@ from .errors import TilingError
 
 __all__ = ["Slice", "Gather", "halo_crop", "place", "write_tile", "window_interpolate",
            "window_avg_pool", "window_view", "add_channel_bias", "reduce_tile", "norm_apply",
-           "conv1x1_matmul", "linear_matmul", "conv1d_native", "LEAF_FUNCTIONS"]
+           "conv1x1_matmul", "linear_matmul", "conv1d_native", "onednn_convolution",
+           "LEAF_FUNCTIONS"]
 
 
 @dataclass(frozen=True)
@@ -302,6 +303,33 @@ def conv1d_native(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         y = aten.slow_conv_dilated2d(x2, w2, k, bias, [1, stride[0]], [0, padding[0]],
                                      [1, dilation[0]])
     return y.squeeze(2)
+
+
+@torch.library.custom_op("tilefx::onednn_convolution", mutates_args=())
+def onednn_convolution(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       stride: list[int], padding: list[int], dilation: list[int],
+                       groups: int) -> torch.Tensor:
+    """A convolution on oneDNN, whatever ATen's dispatch would pick for it.
+
+    An op of its own (``torch.ops.tilefx.onednn_convolution``) rather than a call of
+    ``mkldnn._convolution_pointwise`` in the graph: that op's fake kernel says its output is
+    always channels-last (as inductor, its author, makes it), while the real kernel keeps an
+    NCHW input's layout. Fake runs (the memory model, ``torch.compile``) must see the layout
+    the call really returns.
+    """
+    return torch.ops.mkldnn._convolution_pointwise(input, weight, bias, padding, stride, dilation,
+                                                   groups, "none", [], "")
+
+
+@onednn_convolution.register_fake
+def _(input, weight, bias, stride, padding, dilation, groups):
+    sp = [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, s, p, d in zip(
+        input.shape[2:], weight.shape[2:], stride, padding, dilation)]
+    out = input.new_empty((input.shape[0], weight.shape[0], *sp))
+    fmt = memory_format(input)
+    if fmt is torch.contiguous_format:
+        fmt = memory_format(weight)  # oneDNN goes channels-last for either operand
+    return out if fmt is torch.contiguous_format else out.contiguous(memory_format=fmt)
 
 
 # The kernels a graph calls. Tile kernels read ``tile`` tables with plain Python (len, loops),

@@ -9,8 +9,8 @@ tile's window without running it.
 =========  ========  ==========================================  ==============================
 primitive  device    computes                                    emitted as
 =========  ========  ==========================================  ==============================
-onednn     cpu       any convolution (1-3d, groups, dilation);   ``mkldnn._convolution_pointwise``
-                     float32, bfloat16, float16                  (``attr="none"``: no fusion)
+onednn     cpu       any convolution (1-3d, groups, dilation);   ``tilefx.onednn_convolution``
+                     float32, bfloat16, float16                  (``kernels.onednn_convolution``)
 native     cpu       groups-1 convolution (1-3d, dilation), any  ``aten._slow_conv2d_forward``,
                      float dtype: ATen's own im2col + GEMM       ``slow_conv_dilated2d``,
                                                                  ``slow_conv3d_forward``,
@@ -78,10 +78,10 @@ from torch.fx.operator_schemas import normalize_function
 from . import kernels
 from .errors import TilingError
 
-__all__ = ["OpParams", "Primitive", "PrimitiveOption", "CallFacts", "PRIMITIVES", "op_params",
+__all__ = ["OpParams", "Primitive", "onednn_nchw_workspace", "PrimitiveOption", "CallFacts", "PRIMITIVES", "op_params",
            "candidates", "candidates_for", "refusal", "workspace_bytes", "measure_workspace",
-           "time_primitives", "options", "default_primitive", "call_facts", "call_workspace",
-           "emitted_targets"]
+           "time_primitives", "options", "default_primitive", "call_params", "call_facts",
+           "call_operands", "call_workspace", "emitted_primitive"]
 
 aten = torch.ops.aten
 
@@ -237,8 +237,7 @@ def op_params(node: Node, root: torch.nn.Module | None = None) -> OpParams | Non
         return None
     args = tuple(_value(a, root) for a in node.args)
     kwargs = {k: _value(v, root) for k, v in node.kwargs.items()}
-    facts = call_facts(node.target, args, kwargs)
-    return facts.params if facts is not None else None
+    return call_params(node.target, args, kwargs)
 
 
 def _input_facts(node: Node, root: torch.nn.Module | None) -> tuple[tuple[int, ...], bool] | None:
@@ -295,8 +294,8 @@ def _onednn_refuse(p: OpParams) -> str | None:
 
 
 def _onednn_emit(p: OpParams, x, w, b):
-    return (torch.ops.mkldnn._convolution_pointwise.default,
-            (x, w, b, list(p.padding), list(p.stride), list(p.dilation), p.groups, "none", [], ""))
+    return (torch.ops.tilefx.onednn_convolution.default,
+            (x, w, b, list(p.stride), list(p.padding), list(p.dilation), p.groups))
 
 
 def _nbytes(shape: Iterable[int], p: OpParams) -> int:
@@ -309,18 +308,25 @@ def _both_layouts(p: OpParams) -> bool:
     return p.weight_shape[1] == 1 or math.prod(p.kernel) == 1
 
 
+def onednn_nchw_workspace(in_bytes: int, cin: int, w_bytes: int, out_bytes: int, cout: int,
+                          strided_1x1: bool) -> int:
+    """oneDNN's bytes beyond the output for an NCHW convolution: input (more than 4 channels),
+    weight and output reordered to blocked layouts, the output's channels rounded up to 16."""
+    in_r = in_bytes if cin > 4 else 0
+    out16 = out_bytes * (-(-cout // 16) * 16) // max(cout, 1)
+    held = max(in_r + w_bytes + out16 + (out_bytes if strided_1x1 else 0), out16 + out_bytes)
+    return max(held - out_bytes, 0)
+
+
 def _onednn_workspace(p: OpParams, shape: tuple[int, ...], channels_last: bool) -> int:
     inp, w, out = _nbytes(shape, p), _nbytes(p.weight_shape, p), _nbytes(p.out_shape(shape), p)
     if channels_last or p.weight_channels_last:
         clone = 0 if (p.weight_channels_last or _both_layouts(p)) else w
         return ((0 if channels_last else inp) + clone + w
                 + (ONEDNN_NHWC_SCRATCH if p.groups == 1 else 0))
-    in_r = inp if shape[1] > 4 else 0
-    out16 = out * (-(-p.cout // 16) * 16) // max(p.cout, 1)
     strided_1x1 = (p.nsp <= 2 and all(k == 1 for k in p.kernel)
                    and any(s > 1 for s in p.stride))  # holds one more output (not in 3-d)
-    held = max(in_r + w + out16 + (out if strided_1x1 else 0), out16 + out)
-    return max(held - out, 0)
+    return onednn_nchw_workspace(inp, shape[1], w, out, p.cout, strided_1x1)
 
 
 _NATIVE_OPS = {(2, False): aten._slow_conv2d_forward.default,
@@ -517,6 +523,7 @@ def _pos(*names: str) -> Callable[[tuple, dict], dict]:
 # Every call target a primitive emits -> (primitive, op kind); a primitive of None is the op as
 # captured, whose primitive ATen's dispatch decides (as for aten.conv2d, not listed).
 _EMITTED: dict[Any, tuple[str | None, str]] = {
+    torch.ops.tilefx.onednn_convolution.default: ("onednn", "conv"),
     torch.ops.mkldnn._convolution_pointwise.default: ("onednn", "conv"),
     aten._slow_conv2d_forward.default: ("native", "conv"),
     aten.slow_conv_dilated2d.default: ("native", "conv"),
@@ -534,50 +541,62 @@ _KERNEL_ARGS = {
 }
 
 
-def emitted_targets() -> tuple[Any, ...]:
-    """The call targets of every emitted primitive (what ``passes.primitives`` writes)."""
-    return tuple(t for t, (name, _) in _EMITTED.items() if name is not None)
+def emitted_primitive(target: Any) -> str | None:
+    """The primitive a call target is the emitted form of (what ``passes.primitives``
+    writes), or None. ``aten.convolution`` is ATen's own dispatch, not an emitted form."""
+    entry = _EMITTED.get(target)
+    return entry[0] if entry is not None else None
+
+
+def _bound(target: Any, args: tuple, kwargs: dict) -> dict | None:
+    """A convolution's or linear's arguments by name (None: not such a call)."""
+    if target not in _EMITTED and getattr(target, "overloadpacket", None) not in _DEFAULT_CONV:
+        return None
+    if target in _KERNEL_ARGS:
+        return _KERNEL_ARGS[target](args, kwargs)
+    bound = normalize_function(target, args, kwargs, normalize_to_only_use_kwargs=True)
+    return bound.kwargs if bound is not None else None
+
+
+def call_operands(target: Any, args: tuple, kwargs: dict | None = None) -> tuple[Any, Any, Any] | None:
+    """``(input, weight, bias)`` of a convolution or linear call (graph nodes or tensors, as
+    given), or None for any other call."""
+    a = _bound(target, args, kwargs or {})
+    return _operands_of(a) if a is not None else None
+
+
+def _operands_of(a: dict) -> tuple[Any, Any, Any]:
+    return (a.get("input", a.get("self", a.get("X"))), a.get("weight", a.get("W")),
+            a.get("bias", a.get("B")))
+
+
+def call_params(target: Any, args: tuple, kwargs: dict | None = None) -> OpParams | None:
+    """The parameters of a call ``target(*args, **kwargs)`` whose weight is a tensor (real,
+    fake, or ShapeProp metadata): a convolution or linear as captured, or an emitted primitive.
+    None for anything else, and for transposed convolutions (no primitive computes them)."""
+    a = _bound(target, args, kwargs or {})
+    if a is None:
+        return None
+    _, w, b = _operands_of(a)
+    entry = _EMITTED.get(target)
+    if (entry[1] if entry is not None else "conv") == "linear":
+        return _params("linear", w, b)
+    if any(isinstance(a.get(k), Node) for k in ("stride", "padding", "dilation", "groups")):
+        return None  # parameters computed at run time
+    p = _params("conv", w, b, a.get("stride", 1), a.get("padding", 0), a.get("dilation", 1),
+                a.get("groups", 1) or 1, bool(a.get("transposed", False)))
+    return None if p is None or p.transposed else p
 
 
 def call_facts(target: Any, args: tuple, kwargs: dict | None = None) -> CallFacts | None:
-    """The facts of a call ``target(*args, **kwargs)`` whose arguments are tensors (or fake
-    tensors, or ShapeProp metadata): a convolution or linear as captured, or an emitted
-    primitive. None for anything else, and for transposed convolutions (no primitive model)."""
-    kwargs = kwargs or {}
-    entry = _EMITTED.get(target)
-    packet = getattr(target, "overloadpacket", None)
-    if entry is None and packet not in _DEFAULT_CONV:
-        return None
-    if target in _KERNEL_ARGS:
-        a = _KERNEL_ARGS[target](args, kwargs)
-    else:
-        bound = normalize_function(target, args, kwargs, normalize_to_only_use_kwargs=True)
-        if bound is None:
-            return None
-        a = bound.kwargs
-    x = a.get("input", a.get("self", a.get("X")))
+    """:func:`call_params` plus the input's shape and layout, and which primitive runs the
+    call: the emitted one, or for a call as captured the one ATen's dispatch picks."""
+    p = call_params(target, args, kwargs)
+    x = call_operands(target, args, kwargs)[0] if p is not None else None
     xf = _tensor_facts(x)
     if xf is None:
         return None
-    kind = entry[1] if entry is not None else "conv"
-    w = a.get("weight", a.get("W"))
-    b = a.get("bias", a.get("B"))
-    if kind == "linear":
-        p = _params("linear", w, b)
-    else:
-        wf = _tensor_facts(w)
-        nsp = len(wf.shape) - 2 if wf is not None else 0
-        if any(isinstance(a.get(k), Node) for k in ("stride", "padding", "dilation", "groups")):
-            return None  # parameters computed at run time
-        p = _params("conv", w, b, a.get("stride", 1), a.get("padding", 0), a.get("dilation", 1),
-                    a.get("groups", 1) or 1, bool(a.get("transposed", False)))
-        if p is not None and p.transposed:
-            return None
-        if p is not None and len(p.stride) != nsp:
-            return None
-    if p is None:
-        return None
-    name = entry[0] if entry is not None and entry[0] is not None else default_primitive(p, xf.shape)
+    name = emitted_primitive(target) or default_primitive(p, xf.shape)
     return CallFacts(name, p, xf.shape, xf.channels_last)
 
 
