@@ -44,6 +44,7 @@ from ..kernels import Gather, write_tile
 from ..primitives import call_facts, onednn_nchw_workspace
 from ..region import TiledRegion
 from ..rules import cost_class, schema_args
+from ..statistics import Accumulator
 from .channels_last import ChannelsLastBlock
 
 __all__ = ["MemoryProfile", "Step", "simulate", "record", "liveness", "cpu_workspace", "conv_workspace",
@@ -301,23 +302,27 @@ def _tile_signature(tile) -> tuple:
 
 
 def _region_step(region, args: tuple, workspace: str | None, external: set) -> tuple[Any, Step]:
-    """A TiledRegion call as one step: its output buffers, and one tile's peak as scratch."""
+    """A TiledRegion call as one step: its output buffers (and a multi-pass region's
+    statistics), and one tile's peak as scratch."""
     sched = region.schedule_for(region.input_sizes(args))
-    buffers: dict[str, torch.Tensor] = {}
+    buffers: dict[str, Any] = {n: Accumulator(stat, region.spec.nsp)
+                               for n, stat in region.statistics}
     body_peak = 0
     seen: set = set()
     outside = set(external) | {StorageWeakRef(t.untyped_storage()) for t in _tensors(args)}
     for tile in sched.tiles:
         sig = _tile_signature(tile)
-        if sig in seen and buffers:
+        if sig in seen and all(o in buffers for o in region.writes):
             continue
         seen.add(sig)
-        ext = outside | {StorageWeakRef(b.untyped_storage()) for b in buffers.values()}
+        ext = outside | {StorageWeakRef(buffers[o].untyped_storage())
+                         for o in region.writes if o in buffers}
         rec = _Recorder(region.body, workspace, external=ext)
         rec.run(*args, buffers, tile)
         peak, _, _ = liveness(rec.steps)
         body_peak = max(body_peak, peak)
-    outs = tuple(buffers[o] for o in region.spec.outputs)
+    outs = (tuple(buffers[o] for o in region.writes)
+            + tuple(buffers[n].result() for n, _ in region.statistics))
     step = Step("", allocs=[(StorageWeakRef(b.untyped_storage()), b.untyped_storage().nbytes())
                             for b in outs], transient=body_peak)
     return outs, step

@@ -122,3 +122,16 @@ def test_a_small_window_runs_the_native_convolution():
     x = torch.randn(1, 64, 16, 16)
     gm = _annotated(nn.Sequential(nn.Conv2d(64, 64, 3, padding=1)), x)
     _close(simulate(gm, x).peak_bytes, peak_memory(gm, x), tol=0.02)
+
+
+def test_a_multipass_region_is_simulated():
+    """simulate() ran a pass's body without its statistics' accumulators (KeyError in
+    reduce_tile), so no multi-pass plan (EfficientNet-B0's default at 224) had a prediction."""
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU(),
+                      nn.Conv2d(8, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    tiled = tile_rewrite(_annotated(m, x), "adaptive_avg_pool2d", 2, multipass=True)
+    assert sum(isinstance(mod, tilefx.TiledRegion) for mod in tiled.modules()) >= 2
+    with torch.no_grad():
+        tiled(x)
+    _close(simulate(tiled, x).peak_bytes, peak_memory(tiled, x), tol=0.02)
