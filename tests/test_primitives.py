@@ -247,6 +247,48 @@ def test_multipass_region_bodies_get_the_choice_in_every_pass():
         torch.testing.assert_close(out(x), m(x), **F32)
 
 
+class _Block(nn.Module):
+    """ConvNeXt's block: a depthwise 7x7 convolution, then per-position layer norm and MLP in
+    channels-last (folded into a ChannelsLastBlock by tilefx.prepare), then a residual."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 7, padding=3, groups=c)
+        self.norm, self.fc1, self.fc2 = nn.LayerNorm(c), nn.Linear(c, 4 * c), nn.Linear(4 * c, c)
+
+    def forward(self, x):
+        y = self.dw(x).permute(0, 2, 3, 1)
+        y = self.fc2(nn.functional.gelu(self.fc1(self.norm(y))))
+        return x + y.permute(0, 3, 1, 2)
+
+
+def test_linears_inside_channels_last_blocks_tiled_or_not():
+    m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), _Block(), nn.AdaptiveAvgPool2d(1)).eval()
+    x = torch.randn(1, 3, 24, 24)
+    gm = tilefx.prepare(m, x)
+    tiled = tilefx.transform(m, x, merge="2", tiles=2)
+    for g in (gm, tiled):
+        out = apply_primitives(g, {"linear": "matmul", "linear_1": "matmul", "conv2d_1": "onednn"})
+        assert primitive_nodes(out) == {"linear": "matmul", "linear_1": "matmul",
+                                        "conv2d_1": "onednn"}
+        with torch.no_grad():
+            torch.testing.assert_close(out(x), m(x), **F32)
+            measured, predicted = peak_memory(out, x), simulate(out, x).peak_bytes
+        assert abs(predicted - measured) <= 0.10 * measured, (predicted, measured)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_candidates_and_emission():
+    m, x, gm = _prepared("1x1 stride 2")
+    m, x = m.cuda(), x.cuda()
+    gm = tilefx.prepare(m, x)
+    node = next(n for n in gm.graph.nodes if n.name == "conv2d")
+    assert P.candidates(node) == ("matmul", "cudnn")
+    for prim in ("matmul", "cudnn"):
+        with torch.no_grad():
+            torch.testing.assert_close(apply_primitives(gm, {"conv2d": prim})(x), m(x), **F32)
+
+
 def test_pass_manager():
     m, x, gm = _prepared("1x1")
     result = PassManager([PrimitivePass({"conv2d": "matmul"})])(gm)
@@ -335,6 +377,15 @@ def test_timings_are_cached_and_hold_no_tensors():
     for key, value in P._TIMES.items():
         assert isinstance(value, float)
         assert not any(isinstance(v, (torch.Tensor, nn.Module)) for v in key)
+
+
+def test_options_never_run_a_primitive_whose_workspace_is_too_large():
+    m, x, gm = _prepared("1x1")
+    node = next(n for n in gm.graph.nodes if n.name == "conv2d")
+    opts = {o.name: o for o in P.options(node, (1, 16, 12, 12), max_workspace_bytes=0)}
+    assert opts["onednn"].workspace_bytes > 0 and opts["onednn"].time_s != opts["onednn"].time_s
+    assert opts["native"].workspace_bytes == 0 < opts["native"].time_s  # stride 1: no columns
+    assert opts["matmul"].workspace_bytes == 0 < opts["matmul"].time_s
 
 
 def test_options_keep_nothing_alive():

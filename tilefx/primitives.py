@@ -719,13 +719,16 @@ def _workspace(name: str, p: OpParams, shape: tuple[int, ...], cl: bool) -> int:
 
 def options(node: Node, input_shape: tuple[int, ...] | None = None, *,
             root: torch.nn.Module | None = None, tile: bool = False,
-            channels_last: bool | None = None, timed: bool = True) -> list[PrimitiveOption]:
+            channels_last: bool | None = None, timed: bool = True,
+            max_workspace_bytes: int = 2**30) -> list[PrimitiveOption]:
     """Every primitive that can compute ``node``, with its workspace and time at
     ``input_shape`` (default: the node's traced input).
 
     ``tile=True``: ``input_shape`` is a tile's halo crop, which holds the padding already, so
     the op runs unpadded (as in a tile body). ``channels_last``: the input's layout (default:
-    the traced input's). ``timed=False`` skips the measurement (``time_s`` is NaN).
+    the traced input's). ``timed=False`` skips the measurement (``time_s`` is NaN), and so is
+    a primitive whose predicted workspace exceeds ``max_workspace_bytes`` never run (native's
+    columns for a 64-channel 3x3 convolution at 1024x1024 are 2.3 GiB).
 
     >>> import torch
     >>> from tilefx.capture import capture
@@ -752,8 +755,11 @@ def options(node: Node, input_shape: tuple[int, ...] | None = None, *,
     if tile:
         p = p.tiled()
     names = candidates_for(p)
-    times = (time_primitives(p, shape, names, channels_last) if timed
-             else {n: math.nan for n in names})
+    predicted = {n: workspace_bytes(n, p, shape, channels_last) for n in names}
+    runnable = [n for n in names if (predicted[n] or 0) <= max_workspace_bytes]
+    times = {n: math.nan for n in names}
+    if timed:
+        times.update(time_primitives(p, shape, runnable, channels_last))
     default = default_primitive(p, shape)
-    return [PrimitiveOption(n, _workspace(n, p, shape, channels_last), times[n], n == default)
-            for n in names]
+    return [PrimitiveOption(n, _workspace(n, p, shape, channels_last) if n in runnable
+                            else predicted[n], times[n], n == default) for n in names]
