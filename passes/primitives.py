@@ -66,19 +66,18 @@ class _Rewriter:
         if id(mod) in self.done:
             return self.done[id(mod)]
         if isinstance(mod, TiledRegion):
-            new = TiledRegion(self.graph_module(mod.body, "TileBody"), mod.spec, mod.spatial_args,
-                              approx_body=(self.graph_module(mod.approx_body, "RegionGraph")
+            new = TiledRegion(self.graph_module(mod.body), mod.spec, mod.spatial_args,
+                              approx_body=(self.graph_module(mod.approx_body)
                                            if mod.approx_body is not None else None),
                               halo=mod.halo, writes=mod.writes, statistics=mod.statistics)
-            new._schedules = dict(mod._schedules)  # per-shape windows: the same region
         elif isinstance(mod, ChannelsLastBlock):
-            new = ChannelsLastBlock(self.graph_module(mod.body, "ChannelsLastBody"), mod.nsp)
+            new = ChannelsLastBlock(self.graph_module(mod.body), mod.nsp)
         else:
             new = mod
         self.done[id(mod)] = new
         return new
 
-    def graph_module(self, gm: GraphModule, class_name: str | None = None) -> GraphModule:
+    def graph_module(self, gm: GraphModule) -> GraphModule:
         g = Graph()
         env: dict[Node, Node] = {}
         for n in gm.graph.nodes:
@@ -91,7 +90,7 @@ class _Rewriter:
                 self.found.add(key)
             else:
                 env[n] = g.node_copy(n, lambda u: env[u])
-        out = GraphModule(gm, g, class_name=class_name or type(gm).__name__)
+        out = GraphModule(gm, g, class_name=type(gm).__name__)
         for n in g.nodes:
             if n.op == "call_module":
                 sub = attrgetter(n.target)(out)
