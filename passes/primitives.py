@@ -114,8 +114,8 @@ class _Rewriter:
                    for v in call_operands(n.target, n.args, n.kwargs))
         target, args = PRIMITIVES[name].emit(p, x, w, b)
         new = g.create_node("call_function", target, tuple(args), {}, name=n.name)
-        new.meta = {k: v for k, v in n.meta.items() if k in ("tensor_meta", "val", "nn_module_stack",
-                                                             "stack_trace")}
+        keep = ("tensor_meta", "val", "nn_module_stack", "stack_trace")
+        new.meta = {k: v for k, v in n.meta.items() if k in keep}
         facts = n.meta.get("tilefx")
         new.meta["tilefx"] = NodeFacts(
             Barrier(f"primitive {name} (passes.primitives): primitives are applied after tiling"),

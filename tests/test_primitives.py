@@ -62,7 +62,8 @@ VARIANTS = {
     "1x1 padded": (lambda: nn.Conv2d(16, 8, 1, padding=1), (1, 16, 8, 8)),
     "same": (lambda: nn.Conv2d(8, 8, 3, padding="same"), (1, 8, 16, 16)),
     "1-d": (lambda: nn.Conv1d(8, 8, 3, padding=1), (1, 8, 40)),
-    "1-d dilated strided": (lambda: nn.Conv1d(8, 8, 3, stride=2, padding=2, dilation=2), (1, 8, 41)),
+    "1-d dilated strided": (lambda: nn.Conv1d(8, 8, 3, stride=2, padding=2, dilation=2),
+                            (1, 8, 41)),
     "3-d": (lambda: nn.Conv3d(4, 8, 3, padding=1), (1, 4, 8, 8, 8)),
     "3-d dilated": (lambda: nn.Conv3d(4, 4, 3, padding=2, dilation=2), (1, 4, 9, 9, 9)),
     "3-d 1x1": (lambda: nn.Conv3d(4, 8, 1), (1, 4, 6, 6, 6)),
@@ -304,9 +305,11 @@ def test_refusals_are_tiling_errors_that_say_what_is_valid():
     m, x, gm = _prepared("grouped")
     with pytest.raises(tilefx.TilingError, match=r"unknown primitive 'fast'.*onednn.*native"):
         apply_primitives(gm, {"conv2d": "fast"})
-    with pytest.raises(tilefx.TilingError, match=r"no convolution or linear node named 'conv9'.*conv2d"):
+    with pytest.raises(tilefx.TilingError,
+                       match=r"no convolution or linear node named 'conv9'.*conv2d"):
         apply_primitives(gm, {"conv9": "native"})
-    with pytest.raises(tilefx.TilingError, match=r"'native' cannot compute node %conv2d.*groups=4.*\['onednn'\]"):
+    with pytest.raises(tilefx.TilingError,
+                       match=r"'native' cannot compute node %conv2d.*groups=4.*\['onednn'\]"):
         apply_primitives(gm, {"conv2d": "native"})
     m, x, gm = _prepared("3x3")
     with pytest.raises(tilefx.TilingError, match=r"'matmul' cannot compute node %conv2d.*1x1"):

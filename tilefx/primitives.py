@@ -78,10 +78,10 @@ from torch.fx.operator_schemas import normalize_function
 from . import kernels
 from .errors import TilingError
 
-__all__ = ["OpParams", "Primitive", "onednn_nchw_workspace", "PrimitiveOption", "CallFacts", "PRIMITIVES", "op_params",
-           "candidates", "candidates_for", "refusal", "workspace_bytes", "measure_workspace",
-           "time_primitives", "options", "default_primitive", "call_params", "call_facts",
-           "call_operands", "call_workspace", "emitted_primitive"]
+__all__ = ["OpParams", "Primitive", "PrimitiveOption", "CallFacts", "PRIMITIVES", "op_params",
+           "candidates", "candidates_for", "refusal", "workspace_bytes", "onednn_nchw_workspace",
+           "measure_workspace", "time_primitives", "options", "default_primitive", "call_params",
+           "call_facts", "call_operands", "call_workspace", "emitted_primitive"]
 
 aten = torch.ops.aten
 
@@ -558,7 +558,8 @@ def _bound(target: Any, args: tuple, kwargs: dict) -> dict | None:
     return bound.kwargs if bound is not None else None
 
 
-def call_operands(target: Any, args: tuple, kwargs: dict | None = None) -> tuple[Any, Any, Any] | None:
+def call_operands(target: Any, args: tuple,
+                  kwargs: dict | None = None) -> tuple[Any, Any, Any] | None:
     """``(input, weight, bias)`` of a convolution or linear call (graph nodes or tensors, as
     given), or None for any other call."""
     a = _bound(target, args, kwargs or {})
@@ -690,7 +691,8 @@ def time_primitives(params: OpParams, input_shape: tuple[int, ...], names: Itera
                     samples[n].append((time.perf_counter() - t0) / reps[n])
         for n, ts in samples.items():
             ts.sort()
-            _TIMES[(params, shape, channels_last, n)] = ts[min(int(quantile * len(ts)), len(ts) - 1)]
+            low = ts[min(int(quantile * len(ts)), len(ts) - 1)]
+            _TIMES[(params, shape, channels_last, n)] = low
         del x, w, b, calls
     return {n: _TIMES[(params, shape, channels_last, n)] for n in names}
 
