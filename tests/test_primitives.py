@@ -322,6 +322,15 @@ def test_refusals_are_tiling_errors_that_say_what_is_valid():
 # ----------------------------------------------------------------------------- facts
 
 
+@pytest.fixture(params=[1, 2], ids=lambda t: f"{t} thread{'s' if t > 1 else ''}")
+def threads(request):
+    """oneDNN picks other kernels, and ATen another dispatch, on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 # (weight shape, stride, padding, dilation, groups, input shape, channels_last): the shapes of
 # the issue's table, a strided 1x1, a dilated, a grouped and channels-last convolutions
 CALIBRATION = [
@@ -337,7 +346,7 @@ CALIBRATION = [
 
 
 @pytest.mark.parametrize("case", CALIBRATION, ids=lambda c: f"{c[0]}@{c[5]}{' cl' if c[6] else ''}")
-def test_workspace_formulas_match_the_profiler(case):
+def test_workspace_formulas_match_the_profiler(case, threads):
     """The formulas are what the planner predicts tiles with; a change in torch's allocator
     or dispatch shows here first. Tolerance: 1% + 160 KiB (oneDNN's channels-last scratchpad
     varies from 12 KiB to ~140 KiB with the shape; the modelled bytes are MiB)."""
@@ -361,14 +370,16 @@ def _aten_backend(p: P.OpParams, shape) -> str:
 
 @pytest.mark.parametrize("w,shape", [
     ((64, 64, 3, 3), (1, 64, 56, 56)), ((64, 64, 3, 3), (1, 64, 16, 16)),
+    ((256, 256, 1, 1), (1, 256, 14, 14)), ((64, 64, 1, 1), (16, 64, 4, 4)),
     ((64, 64, 3, 3), (2, 64, 8, 8)), ((16, 16, 5, 5), (1, 16, 8, 8)),
     ((16, 4, 3, 3), (1, 16, 8, 8)), ((64, 64, 3), (1, 64, 300)), ((64, 64, 3), (1, 64, 400)),
     ((16, 16, 3, 3, 3), (1, 16, 16, 16, 16)), ((16, 16, 3, 3, 3), (2, 16, 8, 8, 8)),
 ])
-def test_default_primitive_is_atens_dispatch(w, shape):
+def test_default_primitive_is_atens_dispatch(w, shape, threads):
     nsp = len(w) - 2
     groups = shape[1] // w[1]
-    p = P.OpParams("conv", w, (1,) * nsp, (1,) * nsp, (1,) * nsp, groups, False)
+    pad = (w[-1] // 2,) * nsp
+    p = P.OpParams("conv", w, (1,) * nsp, pad, (1,) * nsp, groups, False)
     assert P.default_primitive(p, shape) == _aten_backend(p, shape)
 
 

@@ -36,9 +36,10 @@ other float dtypes the same formulas scale with the element size, a rougher esti
 :func:`options` measures those. ``in``, ``w`` and ``out`` are the input, weight and output bytes:
 
 * ``onednn``, NCHW input: it reorders input, weight and output into blocked layouts for the
-  call: ``max(in' + w + out16 (+ out for a strided 1-2d 1x1), out16 + out) - out``, where ``in'`` is
-  ``in`` (0 for at most 4 input channels) and ``out16`` the output with channels rounded up to
-  16. Channels-last input (or weight): ``w`` for the weight reorder, another ``w`` when the
+  call: ``max(in' + w + out16 + extra, out16 + out) - out``, where ``in'`` is ``in`` (0 for at
+  most 4 input channels), ``out16`` the output with channels rounded up to 16, and ``extra``,
+  for a strided 1-2d 1x1 convolution only, one more output on several threads or the strided
+  input gathered on one (the only formula that depends on ``torch.get_num_threads()``). Channels-last input (or weight): ``w`` for the weight reorder, another ``w`` when the
   weight is not channels-last already (ATen copies it to channels-last first), ``in`` when the
   input is not, and a 12 KiB scratchpad for groups 1. A 512->512 3x3 convolution reorders
   9 MiB of weights on every call, whatever its map size.
@@ -309,12 +310,13 @@ def _both_layouts(p: OpParams) -> bool:
 
 
 def onednn_nchw_workspace(in_bytes: int, cin: int, w_bytes: int, out_bytes: int, cout: int,
-                          strided_1x1: bool) -> int:
+                          extra_bytes: int = 0) -> int:
     """oneDNN's bytes beyond the output for an NCHW convolution: input (more than 4 channels),
-    weight and output reordered to blocked layouts, the output's channels rounded up to 16."""
+    weight and output reordered to blocked layouts, the output's channels rounded up to 16,
+    plus ``extra_bytes`` held with them (a strided 1x1 convolution's, :func:`workspace_bytes`)."""
     in_r = in_bytes if cin > 4 else 0
     out16 = out_bytes * (-(-cout // 16) * 16) // max(cout, 1)
-    held = max(in_r + w_bytes + out16 + (out_bytes if strided_1x1 else 0), out16 + out_bytes)
+    held = max(in_r + w_bytes + out16 + extra_bytes, out16 + out_bytes)
     return max(held - out_bytes, 0)
 
 
@@ -324,9 +326,13 @@ def _onednn_workspace(p: OpParams, shape: tuple[int, ...], channels_last: bool) 
         clone = 0 if (p.weight_channels_last or _both_layouts(p)) else w
         return ((0 if channels_last else inp) + clone + w
                 + (ONEDNN_NHWC_SCRATCH if p.groups == 1 else 0))
-    strided_1x1 = (p.nsp <= 2 and all(k == 1 for k in p.kernel)
-                   and any(s > 1 for s in p.stride))  # holds one more output (not in 3-d)
-    return onednn_nchw_workspace(inp, shape[1], w, out, p.cout, strided_1x1)
+    extra = 0
+    if p.nsp <= 2 and all(k == 1 for k in p.kernel) and any(s > 1 for s in p.stride):
+        # a strided 1x1 (1-2d) holds one more output on several threads, and the strided
+        # input gathered on one (torch.get_num_threads(), read at call time)
+        extra = (out if torch.get_num_threads() > 1
+                 else shape[0] * p.cin * math.prod(p.out_shape(shape)[2:]) * p.dtype.itemsize)
+    return onednn_nchw_workspace(inp, shape[1], w, out, p.cout, extra)
 
 
 _NATIVE_OPS = {(2, False): aten._slow_conv2d_forward.default,
@@ -645,8 +651,8 @@ def measure_workspace(name: str, params: OpParams, input_shape: tuple[int, ...],
         return max(peak_memory(fn, device=params.device) - out_bytes, 0)
 
 
-#: Measured seconds per call, keyed by (params, input shape, channels_last, primitive): plain
-#: values only, so the cache keeps no tensor or module alive.
+#: Measured seconds per call, keyed by (params, input shape, channels_last, threads, primitive):
+#: plain values only, so the cache keeps no tensor or module alive.
 _TIMES: dict[tuple, float] = {}
 _WORKSPACES: dict[tuple, int] = {}
 
@@ -655,7 +661,7 @@ def time_primitives(params: OpParams, input_shape: tuple[int, ...], names: Itera
                     channels_last: bool = False, rounds: int = 11, quantile: float = 0.25,
                     min_sample_s: float = 2e-3) -> dict[str, float]:
     """Seconds per call of each primitive in ``names`` on ``input_shape``, measured here and
-    cached per (params, shape, layout, primitive).
+    cached per (params, shape, layout, thread count, primitive).
 
     Robust to a noisy machine: the primitives run interleaved (the order rotates every round,
     so load hits them alike), each sample times enough back-to-back calls to last
@@ -664,7 +670,8 @@ def time_primitives(params: OpParams, input_shape: tuple[int, ...], names: Itera
     """
     shape = tuple(input_shape)
     names = list(names)
-    todo = [n for n in names if (params, shape, channels_last, n) not in _TIMES]
+    key = (params, shape, channels_last, torch.get_num_threads())
+    todo = [n for n in names if key + (n,) not in _TIMES]
     if todo:
         x, w, b = _operands(params, shape, channels_last)
         calls = {n: _call(n, params, x, w, b) for n in todo}
@@ -692,9 +699,9 @@ def time_primitives(params: OpParams, input_shape: tuple[int, ...], names: Itera
         for n, ts in samples.items():
             ts.sort()
             low = ts[min(int(quantile * len(ts)), len(ts) - 1)]
-            _TIMES[(params, shape, channels_last, n)] = low
+            _TIMES[key + (n,)] = low
         del x, w, b, calls
-    return {n: _TIMES[(params, shape, channels_last, n)] for n in names}
+    return {n: _TIMES[key + (n,)] for n in names}
 
 
 @dataclass(frozen=True)
@@ -713,7 +720,7 @@ def _workspace(name: str, p: OpParams, shape: tuple[int, ...], cl: bool) -> int:
     ws = workspace_bytes(name, p, shape, cl)
     if ws is not None and p.dtype == torch.float32:
         return ws
-    key = (p, shape, cl, name)  # no calibrated formula: measure once
+    key = (p, shape, cl, torch.get_num_threads(), name)  # no calibrated formula: measure once
     if key not in _WORKSPACES:
         _WORKSPACES[key] = measure_workspace(name, p, shape, cl)
     return _WORKSPACES[key]
