@@ -60,6 +60,7 @@ class _Rewriter:
         self.choices = dict(choices)
         self.found: set[str] = set()
         self.eligible: dict[str, tuple[str, ...]] = {}  # every conv/linear seen -> candidates
+        self.others: dict[str, str] = {}  # every other call seen -> its node, formatted
         self.done: dict[int, nn.Module] = {}
 
     def module(self, mod: nn.Module) -> nn.Module:
@@ -85,6 +86,8 @@ class _Rewriter:
             p = op_params(n, gm) if n.op == "call_function" else None
             if p is not None:
                 self.eligible.setdefault(key, candidates_for(p))
+            elif n.op in ("call_function", "call_module"):
+                self.others.setdefault(key, n.format_node())
             if p is not None and key in self.choices:
                 env[n] = self._emit(g, n, key, p, env)
                 self.found.add(key)
@@ -144,6 +147,12 @@ def apply_primitives(gm: GraphModule, choices: Mapping[str, str]) -> GraphModule
     rw = _Rewriter(choices)
     out = rw.graph_module(gm)
     missing = [k for k in choices if k not in rw.found]
+    for k in missing:
+        if k in rw.others:
+            raise TilingError(
+                f"node {rw.others[k]} is not a convolution or linear that a primitive computes "
+                "(transposed convolutions and convolutions with parameters computed at run time "
+                "have none); leave it out of the choices")
     if missing:
         names = sorted(rw.eligible)
         shown = ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "")

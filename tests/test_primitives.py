@@ -314,6 +314,13 @@ def test_refusals_are_tiling_errors_that_say_what_is_valid():
     m, x, gm = _prepared("3x3")
     with pytest.raises(tilefx.TilingError, match=r"'matmul' cannot compute node %conv2d.*1x1"):
         apply_primitives(gm, {"conv2d": "matmul"})
+    with pytest.raises(tilefx.TilingError, match=r"node %relu.*not a convolution or linear"):
+        apply_primitives(tilefx.prepare(nn.Sequential(nn.Conv2d(8, 16, 3), nn.ReLU()), x),
+                         {"relu": "native"})
+    up = tilefx.prepare(nn.ConvTranspose2d(8, 8, 2, stride=2).eval(), x)
+    (name,) = [n.name for n in up.graph.nodes if n.op == "call_function"]
+    with pytest.raises(tilefx.TilingError, match=r"not a convolution or linear.*transposed"):
+        apply_primitives(up, {name: "native"})
     relu = next(n for n in tilefx.prepare(nn.ReLU(), x).graph.nodes if n.op == "call_function")
     with pytest.raises(tilefx.TilingError, match="not a convolution or linear"):
         P.options(relu)
