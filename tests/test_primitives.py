@@ -339,12 +339,14 @@ def threads(request):
 
 
 # (weight shape, stride, padding, dilation, groups, input shape, channels_last): the shapes of
-# the table, a strided 1x1, a dilated, a grouped and channels-last convolutions
+# the table, strided 1x1s (an even and an odd map), a dilated, a grouped and
+# channels-last convolutions
 CALIBRATION = [
     ((512, 512, 3, 3), 1, 1, 1, 1, (1, 512, 7, 7), False),
     ((1024, 1024, 1, 1), 1, 0, 1, 1, (1, 1024, 14, 14), False),
     ((64, 64, 3, 3), 1, 1, 1, 1, (1, 64, 56, 56), False),
     ((512, 256, 1, 1), 2, 0, 1, 1, (1, 256, 28, 28), False),
+    ((512, 256, 1, 1), 2, 0, 1, 1, (1, 256, 27, 27), False),  # odd: no strided gather
     ((128, 64, 3, 3), 1, 2, 2, 1, (2, 64, 20, 20), False),
     ((64, 16, 3, 3), 1, 1, 1, 4, (1, 64, 28, 28), False),
     ((768, 384, 2, 2), 2, 0, 1, 1, (1, 384, 14, 14), True),

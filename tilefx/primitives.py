@@ -38,8 +38,9 @@ other float dtypes the same formulas scale with the element size, a rougher esti
 * ``onednn``, NCHW input: it reorders input, weight and output into blocked layouts for the
   call: ``max(in' + w + out16 + extra, out16 + out) - out``, where ``in'`` is ``in`` (0 for at
   most 4 input channels), ``out16`` the output with channels rounded up to 16, and ``extra``,
-  for a strided 1-2d 1x1 convolution only, one more output on several threads or the strided
-  input gathered on one (the only formula that depends on ``torch.get_num_threads()``). Channels-last input (or weight): ``w`` for the weight reorder, another ``w`` when the
+  for a strided 1-2d 1x1 convolution whose input extents divide by the stride only, one
+  sample's strided input per thread (the only formula that depends on
+  ``torch.get_num_threads()``). Channels-last input (or weight): ``w`` for the weight reorder, another ``w`` when the
   weight is not channels-last already (ATen copies it to channels-last first), ``in`` when the
   input is not, and a 12 KiB scratchpad for groups 1. A 512->512 3x3 convolution reorders
   9 MiB of weights on every call, whatever its map size.
@@ -327,11 +328,12 @@ def _onednn_workspace(p: OpParams, shape: tuple[int, ...], channels_last: bool) 
         return ((0 if channels_last else inp) + clone + w
                 + (ONEDNN_NHWC_SCRATCH if p.groups == 1 else 0))
     extra = 0
-    if p.nsp <= 2 and all(k == 1 for k in p.kernel) and any(s > 1 for s in p.stride):
-        # a strided 1x1 (1-2d) holds one more output on several threads, and the strided
-        # input gathered on one (torch.get_num_threads(), read at call time)
-        extra = (out if torch.get_num_threads() > 1
-                 else shape[0] * p.cin * math.prod(p.out_shape(shape)[2:]) * p.dtype.itemsize)
+    if (p.nsp <= 2 and all(k == 1 for k in p.kernel) and any(s > 1 for s in p.stride)
+            and all(n % st == 0 for n, st in zip(shape[2:], p.stride))):
+        # a strided 1x1 (1-2d) whose input divides by its stride gathers one sample's strided
+        # input per thread (torch.get_num_threads(), read at call time)
+        extra = (torch.get_num_threads() * p.cin * math.prod(p.out_shape(shape)[2:])
+                 * p.dtype.itemsize)
     return onednn_nchw_workspace(inp, shape[1], w, out, p.cout, extra)
 
 
