@@ -24,11 +24,11 @@ cudnn      cuda      any convolution, as ATen dispatches it      ``aten.convolut
 
 Not offered: transposed convolutions (every primitive refuses them for now); ``native`` for
 groups > 1 (ATen's native path runs one convolution per group and concatenates, doubling the
-output); ``onednn`` in float64 (oneDNN has no float64 kernels). On CUDA, torch 2.14 exposes no
-per-call workspace limit for cuDNN: ``aten.cudnn_convolution`` takes only the
-``benchmark``/``deterministic``/``allow_tf32`` flags, and the algorithm search is process-wide,
-so ``cudnn`` is the convolution as ATen dispatches it and its workspace is measured, not
-predicted.
+output); ``onednn`` in float64 (oneDNN has no float64 kernels); ``native`` on CUDA (untested
+here). On CUDA, torch 2.14 exposes no per-call workspace limit for cuDNN:
+``aten.cudnn_convolution`` takes only the ``benchmark``/``deterministic``/``allow_tf32`` flags
+(the search mode, not a limit), so ``cudnn`` is the convolution as ATen dispatches it and its
+workspace is measured, not predicted.
 
 **Workspaces** (bytes held during the call beyond the output), calibrated against the
 profiler's allocator events (``tilefx.measure.peak_memory``), torch 2.14, CPU, float32; for
@@ -40,9 +40,9 @@ other float dtypes the same formulas scale with the element size, a rougher esti
   most 4 input channels), ``out16`` the output with channels rounded up to 16, and ``extra``,
   for a strided 1-2d 1x1 convolution whose input extents divide by the stride only, one
   sample's strided input per thread (the only formula that depends on
-  ``torch.get_num_threads()``). Channels-last input (or weight): ``w`` for the weight reorder, another ``w`` when the
-  weight is not channels-last already (ATen copies it to channels-last first), ``in`` when the
-  input is not, and a 12 KiB scratchpad for groups 1. A 512->512 3x3 convolution reorders
+  ``torch.get_num_threads()``). Channels-last input (or weight): ``w`` for the weight reorder,
+  another ``w`` when the weight is not channels-last already (ATen copies it to channels-last
+  first), ``in`` when the input is not, and a 12 KiB scratchpad for groups 1. A 512->512 3x3 convolution reorders
   9 MiB of weights on every call, whatever its map size.
 * ``native``: im2col columns ``N * C_in * prod(k) * prod(out spatial)`` elements (one sample's
   worth for a dilated convolution, whose columns are reused per sample; none for a 1x1
