@@ -13,18 +13,19 @@ every value after its last use). A :class:`~tilefx.region.TiledRegion` call coun
 full-size output buffers plus the peak inside one tile: its body is fake-run once per distinct
 tile shape of the schedule.
 
-Operators also allocate scratch memory that no fx node names. On CPU, oneDNN (PyTorch's
-default convolution backend for float tensors) reorders a convolution's input, weight and
-output into blocked layouts for the duration of the call; the ``"cpu"`` workspace model adds
-those bytes (:func:`cpu_workspace`). It was calibrated against the profiler's allocator events
-(torch 2.14, NCHW float32): a convolution holds ``max(in + w + out16, out16 + out)`` bytes at
-once, where ``in`` is its input (not reordered when it has at most 4 channels), ``w`` its weight
-and ``out16`` its output with channels rounded up to 16; a strided 1x1 convolution holds one more
-output; max pooling holds two outputs besides its own. The weight reorder matters: ResNet's last
-3x3 convolutions reorder 9 MiB of weights, a floor no tiling of the early layers can lower.
-ATen does not give every convolution to oneDNN (:func:`uses_onednn`): a small single-image input,
-as a tile's window often is, and a 1x1 convolution on one thread run its own im2col path, whose
-scratch is the column matrix (:func:`im2col_workspace`), ten times a 3x3 convolution's output.
+Operators also allocate scratch memory that no fx node names. On CPU (the ``"cpu"`` workspace
+model) every convolution and linear call, as captured or as an emitted primitive
+(``passes.primitives``), is charged the workspace of the primitive that runs it
+(``tilefx.primitives``: for a call as captured, the one ATen's dispatch picks for its input,
+so a tile's small window can run native where the whole map runs oneDNN). The formulas were
+calibrated against the profiler's allocator events (torch 2.14, float32, NCHW and
+channels-last): oneDNN reorders input, weight and output into blocked layouts for the call
+(on a channels-last input the weight alone, copied to channels-last first when it is not),
+native holds its im2col columns, a matrix product nothing. Max pooling holds two outputs
+besides its own. The weight reorder matters: ResNet's last 3x3 convolutions reorder 9 MiB of
+weights, a floor no tiling of the early layers can lower; the ``native`` primitive lowers it.
+ATen's dispatch rule between oneDNN and its own im2col path is
+:func:`tilefx.primitives.uses_onednn`; the plan model prices a tile's window with it.
 """
 
 from __future__ import annotations
@@ -42,8 +43,10 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_flatten
 
 from ..kernels import Gather, write_tile
+from ..primitives import call_facts, onednn_nchw_workspace, uses_onednn
 from ..region import TiledRegion
 from ..rules import cost_class, schema_args
+from ..statistics import Accumulator
 from .channels_last import ChannelsLastBlock
 
 __all__ = ["MemoryProfile", "Step", "simulate", "record", "liveness", "cpu_workspace", "conv_workspace",
@@ -128,19 +131,9 @@ def liveness(steps: list[Step], keep: Iterable[Any] = ()) -> tuple[int, str, lis
 # --------------------------------------------------------------------------- workspace models
 
 
-def _round_channels(nbytes: int, channels: int, block: int = 16) -> int:
-    if channels <= 0:
-        return nbytes
-    return nbytes * (-(-channels // block) * block) // channels
-
-
-def conv_workspace(in_bytes: int, cin: int, w_bytes: int, out_bytes: int, cout: int,
-                   pointwise_strided: bool) -> int:
-    """oneDNN scratch bytes of one NCHW convolution, beyond its output (see the module doc)."""
-    in_r = in_bytes if cin > 4 else 0
-    out_b = _round_channels(out_bytes, cout)
-    held = max(in_r + w_bytes + out_b + (out_bytes if pointwise_strided else 0), out_b + out_bytes)
-    return max(held - out_bytes, 0)
+#: oneDNN scratch bytes of one NCHW convolution, beyond its output (bytes in, bytes out; the
+#: planner's vectorised model reads it): ``tilefx.primitives.onednn_nchw_workspace``.
+conv_workspace = onednn_nchw_workspace
 
 
 def tile_workspace_kind(node: torch.fx.Node, module: nn.Module | None) -> str | None:
@@ -153,26 +146,6 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def uses_onednn(batch: int, numel: float, kernel: tuple, stride: tuple, dilation: tuple,
-                groups: int, threads: int) -> bool:
-    """Whether ATen runs a float32 CPU convolution through oneDNN, or through its own im2col
-    path (``Slow2d``): ATen's dispatch rule (``ConvParams::use_mkldnn``), checked against
-    ``torch._C._select_conv_backend`` by the tests. A small single-image input (at most 20480
-    elements, as a tile's window can be) with a kernel of at most 3x3 and no groups takes the
-    im2col path, and so does a 1x1 convolution on one thread.
-
-    >>> uses_onednn(1, 16 * 34 * 34, (3, 3), (1, 1), (1, 1), 1, 2)
-    False
-    >>> uses_onednn(1, 32 * 34 * 34, (3, 3), (1, 1), (1, 1), 1, 2)
-    True
-    """
-    strided = any(v != 1 for v in stride)
-    dilated = any(v != 1 for v in dilation)
-    one = all(v == 1 for v in kernel)
-    return ((strided or dilated or batch >= 16 or not one or threads > 1)
-            and (groups > 1 or all(v > 3 for v in kernel) or batch > 1 or numel > 20480))
-
-
 def im2col_workspace(cin: int, kernel: tuple, stride: tuple, padding: tuple, out_positions: float,
                      batch: int, itemsize: int) -> float:
     """Scratch bytes of ATen's im2col convolution: the columns (``cin * prod(kernel)`` rows, one
@@ -183,24 +156,17 @@ def im2col_workspace(cin: int, kernel: tuple, stride: tuple, padding: tuple, out
     return batch * cin * math.prod(kernel) * out_positions * itemsize
 
 
-def cpu_workspace(kind: str | None, x: Any, weight: Any, out: Any, kernel: tuple, stride: tuple,
-                  padding: tuple = (), dilation: tuple = (), groups: int = 1) -> int:
-    """Scratch bytes of one op on CPU (oneDNN or ATen's im2col path, float): see the module
-    docstring."""
-    if kind is None or not isinstance(out, torch.Tensor) or not isinstance(x, torch.Tensor):
-        return 0
-    if kind == "maxpool":
+def cpu_workspace(node: torch.fx.Node, module: nn.Module | None, args: tuple, kwargs: dict,
+                  out: Any) -> int:
+    """Scratch bytes of one node's call on CPU, given its evaluated arguments: the workspace
+    of the convolution or linear primitive that runs it, or max pooling's (see the module
+    docstring)."""
+    if node.op == "call_function":
+        facts = call_facts(node.target, args, kwargs)
+        if facts is not None:
+            return facts.workspace_bytes or 0
+    if tile_workspace_kind(node, module) == "maxpool" and isinstance(out, torch.Tensor):
         return 2 * _nbytes(out)
-    if kind == "conv" and isinstance(weight, torch.Tensor) and x.dim() >= 3:
-        nsp = x.dim() - 2
-        dilation = dilation or (1,) * nsp
-        if (x.dtype == torch.float32 and x.dim() == 4
-                and not uses_onednn(x.shape[0], x.numel(), kernel, stride, dilation, groups,
-                                    torch.get_num_threads())):
-            return int(im2col_workspace(x.shape[1], kernel, stride, padding, math.prod(out.shape[2:]),
-                                        x.shape[0], x.element_size()))
-        pw = all(k == 1 for k in kernel) and any(s > 1 for s in stride)
-        return conv_workspace(_nbytes(x), x.shape[1], _nbytes(weight), _nbytes(out), out.shape[1], pw)
     return 0
 
 
@@ -290,8 +256,8 @@ class _Recorder(torch.fx.Interpreter):
             if kind == "conv" and isinstance(w, torch.Tensor):
                 info.update(w_bytes=_nbytes(w), pw=all(k == 1 for k in k_) and any(v > 1 for v in s),
                             kernel=k_, stride=s, dilation=d_ or (1,) * len(k_), groups=g_)
-            if self.workspace == "cpu":
-                step.transient = cpu_workspace(kind, x, w, result, k_, s, p_, d_, g_)
+        if self.workspace == "cpu" and n.op == "call_function":
+            step.transient = cpu_workspace(n, module, args, kwargs, result)
         self.steps.append(step)
         return result
 
@@ -353,7 +319,8 @@ def _tile_signature(tile) -> tuple:
 
 
 def _region_step(region, args: tuple, workspace: str | None, external: set) -> tuple[Any, Step]:
-    """A TiledRegion call as one step: its output buffers, and one tile's peak as scratch."""
+    """A TiledRegion call as one step: its output buffers (and a multi-pass region's
+    statistics), and one tile's peak as scratch."""
     sched = region.schedule_for(region.input_sizes(args))
     buffers = region.new_buffers()
     body_peak = 0

@@ -23,7 +23,8 @@ from .statistics import Accumulator, Statistic
 
 __all__ = ["Slice", "Gather", "halo_crop", "place", "write_tile", "window_interpolate",
            "window_avg_pool", "window_view", "add_channel_bias", "reduce_tile", "norm_apply",
-           "group_moments", "LEAF_FUNCTIONS"]
+           "group_moments", "conv1x1_matmul", "linear_matmul", "conv1d_native",
+           "onednn_convolution", "LEAF_FUNCTIONS"]
 
 
 @dataclass(frozen=True)
@@ -270,10 +271,92 @@ def add_channel_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor
     return y + bias.view(1, -1, *([1] * (y.dim() - 2)))
 
 
-# The kernels a tile body calls. They read ``tile`` tables with plain Python (len, loops), so
-# fx must keep each call as one opaque node: the rewrite marks those nodes
+# --------------------------------------------------------------------------- primitives
+# Explicit convolution and linear primitives (tilefx.primitives names them, passes.primitives
+# emits them). Each computes its op exactly, to floating-point rounding.
+
+
+def conv1x1_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   stride: tuple[int, ...]) -> torch.Tensor:
+    """A 1x1 convolution (groups 1, no padding) as one matrix product over positions.
+
+    No weight reorder: the ``(C_out, C_in, 1, ...)`` weight is read as a ``(C_out, C_in)``
+    matrix in place. A stride reads every ``s``-th position (exact for a 1x1 kernel), which
+    copies the strided input once. The output keeps the input's layout (channels_last in,
+    channels_last out), as a convolution's does.
+    """
+    if any(s != 1 for s in stride):
+        x = x[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in stride)]
+    n, c = x.shape[:2]
+    spatial = tuple(x.shape[2:])
+    w = weight.reshape(weight.shape[0], c)
+    if memory_format(x) is torch.contiguous_format:
+        y = torch.matmul(w, x.reshape(n, c, -1)).view(n, -1, *spatial)
+    else:  # channels innermost: (N, positions, C_in) @ (C_in, C_out)
+        rank = x.dim()
+        y = torch.matmul(x.permute(0, *range(2, rank), 1).reshape(n, -1, c), w.t())
+        y = y.view(n, *spatial, -1).permute(0, rank - 1, *range(1, rank - 1))
+    if bias is not None:
+        y.add_(bias.view((1, -1) + (1,) * len(spatial)))  # in place: the product is a fresh tensor
+    return y
+
+
+def linear_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``linear`` as a plain matrix product with the transposed weight (no packed weight)."""
+    y = torch.matmul(x, weight.t())
+    if bias is not None:
+        y.add_(bias)
+    return y
+
+
+def conv1d_native(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  stride: tuple[int], padding: tuple[int], dilation: tuple[int]) -> torch.Tensor:
+    """A 1-d convolution on ATen's native (non-oneDNN) kernels, as ATen itself runs one: as
+    a 2-d convolution over a height-1 map."""
+    aten = torch.ops.aten
+    k = [1, weight.shape[-1]]
+    x2, w2 = x.unsqueeze(2), weight.unsqueeze(2)
+    if dilation[0] == 1:
+        y = aten._slow_conv2d_forward(x2, w2, k, bias, [1, stride[0]], [0, padding[0]])
+    else:
+        y = aten.slow_conv_dilated2d(x2, w2, k, bias, [1, stride[0]], [0, padding[0]],
+                                     [1, dilation[0]])
+    return y.squeeze(2)
+
+
+@torch.library.custom_op("tilefx::onednn_convolution", mutates_args=())
+def onednn_convolution(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       stride: list[int], padding: list[int], dilation: list[int],
+                       groups: int) -> torch.Tensor:
+    """A convolution on oneDNN, whatever ATen's dispatch would pick for it.
+
+    An op of its own (``torch.ops.tilefx.onednn_convolution``) rather than a call of
+    ``mkldnn._convolution_pointwise`` in the graph: that op's fake kernel says its output is
+    always channels-last (as inductor, its author, makes it), while the real kernel keeps an
+    NCHW input's layout. Fake runs (the memory model, ``torch.compile``) must see the layout
+    the call really returns.
+    """
+    return torch.ops.mkldnn._convolution_pointwise(input, weight, bias, padding, stride, dilation,
+                                                   groups, "none", [], "")
+
+
+@onednn_convolution.register_fake
+def _(input, weight, bias, stride, padding, dilation, groups):
+    sp = [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, s, p, d in zip(
+        input.shape[2:], weight.shape[2:], stride, padding, dilation)]
+    out = input.new_empty((input.shape[0], weight.shape[0], *sp))
+    fmt = memory_format(input)
+    if fmt is torch.contiguous_format:
+        fmt = memory_format(weight)  # oneDNN goes channels-last for either operand
+    return out if fmt is torch.contiguous_format else out.contiguous(memory_format=fmt)
+
+
+# The kernels a graph calls. Tile kernels read ``tile`` tables with plain Python (len, loops),
+# and a primitive kernel is the primitive the memory model recognises by its target, so fx
+# must keep each call as one opaque node: the rewrites mark those nodes
 # ``meta["is_wrapped"]``, what ``torch.fx.wrap`` marks on the nodes it traces. The body's code
 # then starts with ``wrap("<kernel>")`` lines, so when ``torch.load`` (GraphModule.__reduce__)
 # re-traces that code, the kernels stay leaves instead of being traced into.
 LEAF_FUNCTIONS = (halo_crop, place, write_tile, window_interpolate, window_avg_pool, window_view,
-                  add_channel_bias, reduce_tile, norm_apply, group_moments)
+                  add_channel_bias, reduce_tile, norm_apply, group_moments, conv1x1_matmul,
+                  linear_matmul, conv1d_native)
