@@ -11,7 +11,8 @@ storage (``ReLU(inplace=True)``, ``view``/``reshape``/``flatten``, eval-mode dro
 storage is freed after the last node that reads any of its aliases (fx's generated code drops
 every value after its last use). A :class:`~tilefx.region.TiledRegion` call counts its
 full-size output buffers plus the peak inside one tile: its body is fake-run once per distinct
-tile shape of the schedule.
+tile shape of the schedule. A :class:`~tilefx.stream_region.StreamRegion` call counts its
+full-size outputs, its row buffers, and the largest stage call of any strip.
 
 Operators also allocate scratch memory that no fx node names. On CPU, oneDNN (PyTorch's
 default convolution backend for float tensors) reorders a convolution's input, weight and
@@ -22,6 +23,9 @@ once, where ``in`` is its input (not reordered when it has at most 4 channels), 
 and ``out16`` its output with channels rounded up to 16; a strided 1x1 convolution holds one more
 output; max pooling holds two outputs besides its own. The weight reorder matters: ResNet's last
 3x3 convolutions reorder 9 MiB of weights, a floor no tiling of the early layers can lower.
+A convolution of one small window (at most 20480 input elements, one sample, no groups) runs
+ATen's native kernel instead (PyTorch's own heuristic), which holds an im2col buffer of its
+input's patches instead of oneDNN's reorders.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ from torch.utils._pytree import tree_flatten
 from ..kernels import Gather, write_tile
 from ..region import TiledRegion
 from ..rules import cost_class, schema_args
+from ..stream_kernels import stream_write
+from ..stream_region import StreamRegion
 from .channels_last import ChannelsLastBlock
 
 __all__ = ["MemoryProfile", "Step", "simulate", "record", "liveness", "cpu_workspace", "conv_workspace",
@@ -156,9 +162,29 @@ def cpu_workspace(kind: str | None, x: Any, weight: Any, out: Any, kernel: tuple
     if kind == "maxpool":
         return 2 * _nbytes(out)
     if kind == "conv" and isinstance(weight, torch.Tensor) and x.dim() >= 3:
+        if _native_conv(x, weight, stride):
+            # ATen's own kernel: an im2col buffer of the input's patches (none for 1x1, stride 1)
+            if all(k == 1 for k in kernel) and all(s == 1 for s in stride):
+                return 0
+            return weight.shape[1] * math.prod(kernel) * math.prod(out.shape[2:]) * x.element_size()
         pw = all(k == 1 for k in kernel) and any(s > 1 for s in stride)
         return conv_workspace(_nbytes(x), x.shape[1], _nbytes(weight), _nbytes(out), out.shape[1], pw)
     return 0
+
+
+def _native_conv(x: torch.Tensor, weight: torch.Tensor, stride: tuple) -> bool:
+    """Whether PyTorch runs a float32 CPU 2-d convolution with its native kernel instead of
+    oneDNN (``ConvParams::use_mkldnn``): one sample, no groups, not both kernel sides above 3,
+    and at most 20480 input elements (a strip or tile of a small map), or a 1x1 convolution on
+    one thread."""
+    if x.dim() != 4 or x.dtype != torch.float32 or x.device.type != "cpu":
+        return False
+    groups = x.shape[1] // max(weight.shape[1], 1)
+    k = weight.shape[2:]
+    strided = any(s > 1 for s in stride)
+    first = strided or x.shape[0] >= 16 or any(v != 1 for v in k) or torch.get_num_threads() > 1
+    second = groups > 1 or all(v > 3 for v in k) or x.shape[0] > 1 or x.numel() > 20480
+    return not (first and second)
 
 
 def _op_params(node: torch.fx.Node, args: tuple, kwargs: dict):
@@ -208,8 +234,9 @@ class _Recorder(torch.fx.Interpreter):
         module = self.module.get_submodule(n.target) if n.op == "call_module" else None
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         before = {self._key(t) for t in _tensors((args, kwargs))}
-        if isinstance(module, TiledRegion):
-            result, step = _region_step(module, args, self.workspace, self.external)
+        if isinstance(module, (TiledRegion, StreamRegion)):
+            region_step = _region_step if isinstance(module, TiledRegion) else _stream_step
+            result, step = region_step(module, args, self.workspace, self.external)
             step.name = n.name
             step.reads = list(before)
             self.steps.append(step)
@@ -221,7 +248,7 @@ class _Recorder(torch.fx.Interpreter):
         if n.op == "output":
             self.keep = [self._key(t) for t in _tensors(result)]
             return result
-        if n.op == "call_function" and n.target is write_tile:
+        if n.op == "call_function" and n.target in (write_tile, stream_write):
             return result  # copies into a buffer the region step accounts for
         step = Step(n.name, reads=[k for k in before if k not in self.external])
         seen = set(before)
@@ -325,6 +352,44 @@ def _region_step(region, args: tuple, workspace: str | None, external: set) -> t
     outs = tuple(buffers[o] for o in region.spec.outputs)
     step = Step("", allocs=[(StorageWeakRef(b.untyped_storage()), b.untyped_storage().nbytes())
                             for b in outs], transient=body_peak)
+    return outs, step
+
+
+def _stream_step(region: StreamRegion, args: tuple, workspace: str | None,
+                 external: set) -> tuple[Any, Step]:
+    """A StreamRegion call as one step: its full-size outputs, and as scratch the most it holds
+    at once: the storages allocated so far (row buffers, outputs) plus the stage running, with
+    the storage its write allocates. Stages run in strip order; each body is fake-run once per
+    distinct set of rows it computes and reads."""
+    sched = region.schedule_for(region.input_sizes(args))
+    spec = region.spec
+    state: dict[str, Any] = {n: args[i] for n, i in zip(spec.region.inputs, region.spatial_args)}
+    outside = set(external) | {StorageWeakRef(t.untyped_storage()) for t in _tensors(args)}
+    peaks: dict[tuple, int] = {}
+    counted: set[str] = set()
+    most = held = 0
+    for strip in sched.strips:
+        for k in strip.stages:
+            names = spec.stages[k]
+            sig = (k, tuple(strip.rows[n][1] - strip.rows[n][0] for n in names),
+                   tuple((key, r.pad_lo, r.pad_hi, len(r.pieces), sum(b - a for a, b in r.pieces))
+                         for key, r in strip.reads.items() if key[0] in names))
+            if sig not in peaks:
+                ext = outside | {StorageWeakRef(b.untyped_storage()) for b in state.values()}
+                rec = _Recorder(region.stages[k], workspace, external=ext)
+                rec.run(*args, state, strip)
+                peaks[sig] = int(liveness(rec.steps)[0])
+            last = names[-1]
+            new = 0
+            if last not in counted:  # this stage's first write allocates its storage
+                counted.add(last)
+                new = state[last].untyped_storage().nbytes()
+            most = max(most, held + peaks[sig] + new)
+            held += new
+    outs = tuple(state[o] for o in spec.outputs)
+    out_bytes = sum(b.untyped_storage().nbytes() for b in outs)
+    step = Step("", allocs=[(StorageWeakRef(b.untyped_storage()), b.untyped_storage().nbytes())
+                            for b in outs], transient=max(most - out_bytes, 0))
     return outs, step
 
 
