@@ -50,7 +50,7 @@ from ..stream_region import StreamRegion
 from .channels_last import ChannelsLastBlock
 
 __all__ = ["MemoryProfile", "Step", "simulate", "record", "liveness", "cpu_workspace", "conv_workspace",
-           "tile_workspace_kind"]
+           "conv_scratch", "native_conv", "tile_workspace_kind"]
 
 
 @dataclass(frozen=True)
@@ -162,28 +162,42 @@ def cpu_workspace(kind: str | None, x: Any, weight: Any, out: Any, kernel: tuple
     if kind == "maxpool":
         return 2 * _nbytes(out)
     if kind == "conv" and isinstance(weight, torch.Tensor) and x.dim() >= 3:
-        if _native_conv(x, weight, stride):
-            # ATen's own kernel: an im2col buffer of the input's patches (none for 1x1, stride 1)
-            if all(k == 1 for k in kernel) and all(s == 1 for s in stride):
-                return 0
-            return weight.shape[1] * math.prod(kernel) * math.prod(out.shape[2:]) * x.element_size()
-        pw = all(k == 1 for k in kernel) and any(s > 1 for s in stride)
-        return conv_workspace(_nbytes(x), x.shape[1], _nbytes(weight), _nbytes(out), out.shape[1], pw)
+        return conv_scratch(tuple(x.shape), tuple(weight.shape), tuple(out.shape), stride,
+                            x.element_size(), x.dtype == torch.float32 and x.device.type == "cpu")
     return 0
 
 
-def _native_conv(x: torch.Tensor, weight: torch.Tensor, stride: tuple) -> bool:
+def conv_scratch(x_shape: tuple, w_shape: tuple, out_shape: tuple, stride: tuple, itemsize: int,
+                 float32_cpu: bool = True) -> int:
+    """Scratch bytes of one CPU convolution from its shapes: oneDNN's reorders
+    (:func:`conv_workspace`), or the im2col buffer of ATen's native kernel where PyTorch picks
+    it (:func:`native_conv`).
+
+    >>> conv_scratch((1, 512, 3, 10), (512, 512, 3, 3), (1, 512, 1, 8), (1, 1), 4)  # native
+    147456
+    """
+    kernel = tuple(w_shape[2:])
+    if float32_cpu and native_conv(x_shape, w_shape, stride):
+        if all(k == 1 for k in kernel) and all(s == 1 for s in stride):
+            return 0
+        return w_shape[1] * math.prod(kernel) * math.prod(out_shape[2:]) * itemsize
+    pw = all(k == 1 for k in kernel) and any(s > 1 for s in stride)
+    return conv_workspace(math.prod(x_shape) * itemsize, x_shape[1], math.prod(w_shape) * itemsize,
+                          math.prod(out_shape) * itemsize, out_shape[1], pw)
+
+
+def native_conv(x_shape: tuple, w_shape: tuple, stride: tuple) -> bool:
     """Whether PyTorch runs a float32 CPU 2-d convolution with its native kernel instead of
     oneDNN (``ConvParams::use_mkldnn``): one sample, no groups, not both kernel sides above 3,
     and at most 20480 input elements (a strip or tile of a small map), or a 1x1 convolution on
     one thread."""
-    if x.dim() != 4 or x.dtype != torch.float32 or x.device.type != "cpu":
+    if len(x_shape) != 4:
         return False
-    groups = x.shape[1] // max(weight.shape[1], 1)
-    k = weight.shape[2:]
+    groups = x_shape[1] // max(w_shape[1], 1)
+    k = w_shape[2:]
     strided = any(s > 1 for s in stride)
-    first = strided or x.shape[0] >= 16 or any(v != 1 for v in k) or torch.get_num_threads() > 1
-    second = groups > 1 or all(v > 3 for v in k) or x.shape[0] > 1 or x.numel() > 20480
+    first = strided or x_shape[0] >= 16 or any(v != 1 for v in k) or torch.get_num_threads() > 1
+    second = groups > 1 or all(v > 3 for v in k) or x_shape[0] > 1 or math.prod(x_shape) > 20480
     return not (first and second)
 
 

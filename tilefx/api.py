@@ -20,6 +20,7 @@ from .errors import TilingError
 from .passes.channels_last import fold_channels_last
 from .passes.receptive_field import annotate, facts
 from .passes.regions import find_region, resolve_merge
+from .passes.stream_rewrite import stream_rewrite
 from .passes.tile_rewrite import tile_rewrite
 from .region import TiledRegion
 from .statistics import describe
@@ -129,6 +130,9 @@ def transform(model: torch.nn.Module, example_inputs: Any = None,
                           f"{type(plan).__name__}")
     out = gm
     for region in plan.regions:
+        if region.stream and halo:
+            out = stream_rewrite(out, region.merge, region.stream, start=region.start)
+            continue
         out = tile_rewrite(out, region.merge, region.tiles, halo=halo, start=region.start,
                            multipass=region.multipass and halo)
     if out is gm:  # nothing worth tiling: an untiled copy, still an ordinary GraphModule

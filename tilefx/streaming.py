@@ -40,8 +40,8 @@ from .stream_kernels import RowRead, RowWrite
 from .tiling import RegionNode, RegionSpec, crop_table, extents, propagate_axis, source_interval
 from .windows import IDENTITY
 
-__all__ = ["StreamSpec", "Strip", "StreamSchedule", "stages_of", "check_streamable",
-           "strip_schedule", "WARMUP_RATIO"]
+__all__ = ["StreamSpec", "Strip", "RowSchedule", "StreamSchedule", "stages_of",
+           "check_streamable", "strip_rows", "strip_schedule", "WARMUP_RATIO"]
 
 Interval = tuple[int, int]
 
@@ -94,19 +94,25 @@ class Strip:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
-class StreamSchedule:
-    """A streaming region's schedule for one input shape.
+@dataclass(frozen=True)
+class RowSchedule:
+    """The integer part of a schedule: which rows every node computes and reads, per strip.
 
+    ``new[j]``: the rows each node computing in strip ``j`` computes; ``reads[j]``: what each
+    such node reads of each input along the stream axis (global rows, possibly off the map);
+    ``rest``: what each read covers along the other spatial axes (the same in every strip);
     ``done[n]``: rows of ``n`` computed by the end of each strip; ``keep[n]``: per strip, the
-    first row of a stored node some read of this or a later strip still needs (its row buffer
-    holds ``[keep, done)`` after its write); ``capacity[n]``: a stored node's ring size in
-    rows (the full extent for a region output); ``carried[n]``: the most rows it keeps from
-    one strip to the next (``k - s`` rows, times dilation, for a window op's input).
+    first row of ``n`` a read of this or a later strip still needs (a row buffer holds
+    ``[keep, done)`` after its write); ``capacity[n]``: a stored node's ring size in rows (the
+    full extent for a region output); ``carried[n]``: the most rows a stored node keeps from one
+    strip to the next (``k - s`` rows, times dilation, for a window op's input; a U-Net skip's
+    FIFO holds the decoder's delay); ``warmup``: strips before the first output rows' strip.
     """
 
     sizes: dict[str, tuple[int, ...]]
-    strips: list[Strip]
+    new: tuple[dict[str, Interval], ...]
+    reads: tuple[dict[tuple[str, str], Interval], ...]
+    rest: dict[tuple[str, str], tuple[Interval, ...]]
     done: dict[str, tuple[int, ...]]
     keep: dict[str, tuple[int, ...]]
     capacity: dict[str, int]
@@ -116,10 +122,38 @@ class StreamSchedule:
     def computed(self) -> dict[str, int]:
         """Rows each node computes over all strips (its extent: every row once)."""
         out: dict[str, int] = {}
-        for s in self.strips:
-            for n, (a, b) in s.rows.items():
+        for new in self.new:
+            for n, (a, b) in new.items():
                 out[n] = out.get(n, 0) + b - a
         return out
+
+
+@dataclass
+class StreamSchedule:
+    """A streaming region's schedule for one input shape: its rows (:class:`RowSchedule`) and
+    the records each strip's bodies read."""
+
+    rows: RowSchedule
+    strips: list[Strip]
+
+    @property
+    def sizes(self) -> dict[str, tuple[int, ...]]:
+        return self.rows.sizes
+
+    @property
+    def capacity(self) -> dict[str, int]:
+        return self.rows.capacity
+
+    @property
+    def carried(self) -> dict[str, int]:
+        return self.rows.carried
+
+    @property
+    def warmup(self) -> int:
+        return self.rows.warmup
+
+    def computed(self) -> dict[str, int]:
+        return self.rows.computed()
 
 
 # --------------------------------------------------------------------------- structure
@@ -209,8 +243,9 @@ def _ring(lo: int, hi: int, cap: int | None) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
-def strip_schedule(spec: StreamSpec, input_sizes: dict[str, tuple[int, ...]]) -> StreamSchedule:
-    """The strips of ``spec`` for these input extents (spatial sizes by input name).
+def strip_rows(spec: StreamSpec, input_sizes: dict[str, tuple[int, ...]]) -> RowSchedule:
+    """The rows every node of ``spec`` computes and reads in every strip, for these input
+    extents (spatial sizes by input name), and the row buffers they need.
 
     >>> from tilefx.rules import SpatialRule, ZEROS
     >>> from tilefx.windows import Affine
@@ -219,7 +254,7 @@ def strip_schedule(spec: StreamSpec, input_sizes: dict[str, tuple[int, ...]]) ->
     >>> nodes = (conv("c1", "x"), conv("c2", "c1"), conv("c3", "c2"))
     >>> spec = StreamSpec(RegionSpec(2, ("x",), nodes, ("c3",), (1, 1)),
     ...                   stages_of(nodes, ("c3",)), strip=4)
-    >>> s = strip_schedule(spec, {"x": (16, 16)})
+    >>> s = strip_rows(spec, {"x": (16, 16)})
     >>> s.carried["c1"], s.carried["c2"], s.capacity["c2"]   # 3x3 convolutions keep 2 rows
     (2, 2, 6)
     >>> s.computed() == {"c1": 16, "c2": 16, "c3": 16}       # every row once
@@ -232,25 +267,16 @@ def strip_schedule(spec: StreamSpec, input_sizes: dict[str, tuple[int, ...]]) ->
     if spec.strip < 1:
         raise TilingError(f"strip height {spec.strip}: give at least one row")
     by_name = {rn.name: rn for rn in nodes}
-    stage_of = {n: k for k, st in enumerate(spec.stages) for n in st}
     outputs = set(region.outputs)
-    whole = set(region.inputs) | outputs  # stored whole: read and written at their own rows
 
     # The other spatial axes are whole in every strip: their reads are fixed for the shape.
-    rest: dict[tuple[str, str], CropTable] = {}
-    rest_target: dict[tuple[str, str], tuple[Interval, ...]] = {}
-    for rn in nodes:
-        for src, _ in rn.rule.inputs:
-            rest[(rn.name, src)] = ()
-            rest_target[(rn.name, src)] = ()
+    rest: dict[tuple[str, str], tuple[Interval, ...]] = {
+        (rn.name, src): () for rn in nodes for src, _ in rn.rule.inputs}
     for axis in range(1, nsp):
         ax = {k: v[axis] for k, v in sizes.items()}
         aw = propagate_axis(nodes, {o: (0, ax[o]) for o in region.outputs}, ax, axis)
-        for rn in nodes:
-            for src, _ in rn.rule.inputs:
-                t = aw.reads[(rn.name, src)]
-                rest[(rn.name, src)] += crop_table((t,), ((0, ax[src]),), (ax[src],), rn.rule.pad)
-                rest_target[(rn.name, src)] += (t,)
+        for key in rest:
+            rest[key] += (aw.reads[key],)
 
     # Stream axis: cumulative rows per strip, by backward propagation from the outputs.
     h0 = {k: v[0] for k, v in sizes.items()}
@@ -284,10 +310,9 @@ def strip_schedule(spec: StreamSpec, input_sizes: dict[str, tuple[int, ...]]) ->
     cumulative += [pull(_output_targets(spec, sizes, strips, j)) for j in range(1, strips)]
 
     start = {n: first[n][0] for n in by_name}
-    done_seq: dict[str, list[int]] = {n: [] for n in by_name}
+    done: dict[str, list[int]] = {n: [] for n in by_name}
     prev = dict(start)
-    # Per strip: every read's global window and the rows it touches (for the ring sizes).
-    reads_at: list[dict[tuple[str, str], Interval]] = []
+    reads: list[dict[tuple[str, str], Interval]] = []
     news: list[dict[str, Interval]] = []
     for j, need in enumerate(cumulative):
         new: dict[str, Interval] = {}
@@ -299,8 +324,8 @@ def strip_schedule(spec: StreamSpec, input_sizes: dict[str, tuple[int, ...]]) ->
                     "please report this as a tilefx bug")
             if hi > prev[rn.name]:
                 new[rn.name] = (prev[rn.name], hi)
-            done_seq[rn.name].append(hi)
-        for k, st in enumerate(spec.stages):
+            done[rn.name].append(hi)
+        for st in spec.stages:
             active = {n in new for n in st}
             if len(active) > 1 or (active == {True} and len({new[n] for n in st}) > 1):
                 raise TilingError(  # pragma: no cover - a stage's nodes share their rows
@@ -313,20 +338,20 @@ def strip_schedule(spec: StreamSpec, input_sizes: dict[str, tuple[int, ...]]) ->
             for src, maps in rn.rule.inputs:
                 lo, hi = maps[0].in_window(a, b, h0[src], h0[rn.name])
                 touched[(rn.name, src)] = (lo, hi)
-                clo, chi = source_interval(lo, hi, h0[src], rn.rule.pad)
-                have = h0[src] if src in region.inputs else done_seq[src][-1]
+                _, chi = source_interval(lo, hi, h0[src], rn.rule.pad)
+                have = h0[src] if src in region.inputs else done[src][-1]
                 if chi > have:
                     raise TilingError(  # pragma: no cover - propagate_axis pulled these rows
                         f"node {rn.format or rn.name} reads rows up to {chi} of {src} in strip "
                         f"{j}, before they are computed; please report this as a tilefx bug")
-        reads_at.append(touched)
+        reads.append(touched)
         news.append(new)
-        prev = {n: done_seq[n][-1] for n in by_name}
+        prev = {n: done[n][-1] for n in by_name}
 
     # Row buffers: what later reads still need, at its largest over the strips.
     total = len(cumulative)
     lowest: dict[str, list[float]] = {n: [math.inf] * total for n in by_name}
-    for j, touched in enumerate(reads_at):
+    for j, touched in enumerate(reads):
         for (c, src), (lo, hi) in touched.items():
             if src in lowest:
                 clo, _ = source_interval(lo, hi, h0[src], by_name[c].rule.pad)
@@ -338,31 +363,50 @@ def strip_schedule(spec: StreamSpec, input_sizes: dict[str, tuple[int, ...]]) ->
         suffix, run = [0] * total, math.inf
         for j in range(total - 1, -1, -1):
             run = min(run, lowest[n][j])
-            suffix[j] = int(min(run, done_seq[n][j]))
+            suffix[j] = int(min(run, done[n][j]))
         keep[n] = tuple(suffix)
-        if n in stage_of and spec.stages[stage_of[n]][-1] == n:
-            before = [start[n]] + done_seq[n][:-1]
-            held = [done_seq[n][j] - min(suffix[j], before[j]) for j in range(total)]
-            carried[n] = max(0, max(before[j] - min(suffix[j], before[j]) for j in range(total)))
-            capacity[n] = h0[n] if n in outputs else max(1, max(held))
+    for n in spec.stored:
+        before = [start[n]] + done[n][:-1]
+        low = [min(keep[n][j], before[j]) for j in range(total)]
+        carried[n] = max(0, max(before[j] - low[j] for j in range(total)))
+        capacity[n] = h0[n] if n in outputs else max(1, max(done[n][j] - low[j] for j in range(total)))
+    return RowSchedule(sizes=sizes, new=tuple(news), reads=tuple(reads), rest=rest,
+                       done={n: tuple(v) for n, v in done.items()}, keep=keep,
+                       capacity=capacity, carried=carried, warmup=warmup)
 
-    # The strips' records.
-    cap = {n: (None if n in whole else capacity[n]) for n in capacity}
-    for name in region.inputs:
-        cap[name] = None
-    out_strips: list[Strip] = []
-    for j, new in enumerate(news):
-        active = tuple(k for k, st in enumerate(spec.stages) if st[-1] in new)
-        strip = Strip(index=j, stages=active, rows=dict(new))
-        for rn in nodes:
+
+def strip_schedule(spec: StreamSpec, input_sizes: dict[str, tuple[int, ...]]) -> StreamSchedule:
+    """The strips of ``spec`` for these input extents: :func:`strip_rows` and, per strip, the
+    records its stage bodies read (row-buffer reads and writes, per-op data)."""
+    rows = strip_rows(spec, input_sizes)
+    region = spec.region
+    sizes = rows.sizes
+    nsp = region.nsp
+    stage_of = {n: k for k, st in enumerate(spec.stages) for n in st}
+    whole = set(region.inputs) | set(region.outputs)  # stored at their own rows
+    cap = {n: (None if n in whole else c) for n, c in rows.capacity.items()}
+    cap.update({n: None for n in region.inputs})
+    h0 = {k: v[0] for k, v in sizes.items()}
+    # Crops along the other axes, fixed for the shape.
+    rest: dict[tuple[str, str], CropTable] = {}
+    for rn in region.nodes:
+        for src, _ in rn.rule.inputs:
+            t = rows.rest[(rn.name, src)]
+            rest[(rn.name, src)] = crop_table(t, tuple((0, L) for L in sizes[src][1:]),
+                                              sizes[src][1:], rn.rule.pad) if t else ()
+    strips: list[Strip] = []
+    for j, new in enumerate(rows.new):
+        strip = Strip(index=j, stages=tuple(k for k, st in enumerate(spec.stages) if st[-1] in new),
+                      rows=dict(new))
+        for rn in region.nodes:
             if rn.name not in new:
                 continue
             a, b = new[rn.name]
             window = ((a, b),) + tuple((0, L) for L in sizes[rn.name][1:])
             targets = []
             for src, _ in rn.rule.inputs:
-                lo, hi = reads_at[j][(rn.name, src)]
-                targets.append(((lo, hi),) + rest_target[(rn.name, src)])
+                lo, hi = rows.reads[j][(rn.name, src)]
+                targets.append(((lo, hi),) + rows.rest[(rn.name, src)])
                 if stage_of.get(src) == stage_of[rn.name]:
                     continue  # read position by position inside the stage: no buffer
                 strip.reads[(rn.name, src)] = _row_read(lo, hi, h0[src], cap[src], rn.rule.pad,
@@ -370,18 +414,14 @@ def strip_schedule(spec: StreamSpec, input_sizes: dict[str, tuple[int, ...]]) ->
             data = rn.rule.entry.tile_data(rn.rule, rn.name, window, targets, sizes)
             if data is not None:
                 strip.extra[rn.name] = data
-            if rn.name in capacity:
-                c = capacity[rn.name]
-                pieces = []
-                off = 0
+            if rn.name in rows.capacity:
+                pieces, off = [], 0
                 for p0, p1 in _ring(a, b, cap[rn.name]):
                     pieces.append((off, p0, p1 - p0))
                     off += p1 - p0
-                strip.writes[rn.name] = RowWrite(tuple(pieces), c, nsp)
-        out_strips.append(strip)
-    return StreamSchedule(sizes=sizes, strips=out_strips,
-                          done={n: tuple(v) for n, v in done_seq.items()}, keep=keep,
-                          capacity=capacity, carried=carried, warmup=warmup)
+                strip.writes[rn.name] = RowWrite(tuple(pieces), rows.capacity[rn.name], nsp)
+        strips.append(strip)
+    return StreamSchedule(rows=rows, strips=strips)
 
 
 def _ancestors(names: set[str], by_name: dict[str, RegionNode]) -> set[str]:

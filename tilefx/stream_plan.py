@@ -1,0 +1,233 @@
+"""Streaming regions in the planner: the static prediction of a streaming region's peak and
+time (the region strategy that proposes streaming options, ``planner.stream_strips``, asks
+it for each candidate region and strip height).
+
+:func:`stream_cost` scores a candidate region (a planner ``Segment``) streamed in strips of a
+given height, without running it: the strip schedule is integer geometry
+(``tilefx.streaming.strip_rows``), and every byte follows from it and the static model's
+per-node facts.
+
+* **Memory.** Storages are allocated at a stored node's first write and live to the end of the
+  call: row buffers and FIFOs (``capacity`` rows at full width) and the full-size region
+  outputs. A stage call holds the row-buffer reads it copies (the window with its halo and
+  padding), its nodes' new rows until their reader has run (in-place ops and views allocate
+  nothing), and its ops' scratch memory: ``passes.memory.conv_scratch`` for convolutions at
+  the strip's shapes (oneDNN's reorders, or ATen's native im2col buffer for small windows),
+  two outputs for max pooling, the full product of a transposed convolution before its rows
+  are placed, the blends of a linear interpolation. The peak is the largest total over the
+  strips' stage calls, in order, as ``passes.memory.simulate`` counts a streaming call.
+* **Time.** Every row is computed once, so the per-pixel time is the untiled model's, except
+  the rows a transposed convolution produces beyond its window. What streaming adds is per
+  call: every node's fixed cost once per strip it computes in, a call per stage, read and
+  write, and the bytes the reads and writes copy, at the rate the model's own pointwise ops
+  move bytes.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+from torch.fx import Node
+
+from .errors import TilingError
+from .passes.memory import conv_scratch
+from .passes.receptive_field import facts
+from .plan_model import Segment, StaticModel
+from .streaming import StreamSpec, check_streamable, stages_of, strip_rows
+from .tiling import RegionNode, RegionSpec
+
+__all__ = ["StreamCost", "stream_spec", "stream_cost", "strip_heights", "STRIP_COUNTS"]
+
+#: Strip counts tried per candidate region (at the example's shape): the strip heights are
+#: the region's tallest output divided by these.
+STRIP_COUNTS = (4, 8, 16, 32, 64, 128)
+
+
+@dataclass(frozen=True)
+class StreamCost:
+    """A streaming region at one strip height.
+
+    ``peak_bytes``: the most the call holds beyond its full-size outputs (row buffers and one
+    stage call); ``buffer_bytes``: its row buffers and FIFOs; ``extra_time_s`` and
+    ``extra_macs``: what streaming adds to the untiled region; ``strips``: the strips at the
+    example's shape (warm-up included) and ``output_strips`` those that produce output rows.
+    """
+
+    peak_bytes: float
+    buffer_bytes: float
+    extra_time_s: float
+    extra_macs: float
+    strips: int
+    output_strips: int
+
+
+def stream_spec(seg: Segment, strip: int) -> StreamSpec:
+    """The :class:`~tilefx.streaming.StreamSpec` of a planner segment streamed at ``strip``
+    rows (a :class:`~tilefx.TilingError` naming the node it cannot stream)."""
+    nodes = tuple(RegionNode(n.name, facts(n).rule, n.format_node()) for n in seg.nodes)
+    check_streamable(nodes)
+    outputs = tuple(o.name for o in seg.outputs)
+    nsp = len(facts(seg.nodes[0]).sizes)
+    return StreamSpec(RegionSpec(nsp, tuple(sorted(seg.inputs)), nodes, outputs, (1,) * nsp),
+                      stages_of(nodes, outputs), strip)
+
+
+def _shape(n: Node) -> tuple[int, ...] | None:
+    tm = n.meta.get("tensor_meta")
+    return tuple(tm.shape) if hasattr(tm, "shape") else None
+
+
+def _copy_s_per_byte(model: StaticModel) -> float:
+    """Seconds per byte a pointwise op of this model takes (it reads and writes each byte once,
+    as a copy does): the median over the model's spatial pointwise nodes."""
+    rates = []
+    for n in model.nodes:
+        if "tilefx" not in n.meta or not facts(n).spatial or facts(n).rule.kind != "pointwise":
+            continue
+        b = model.bpp(n)
+        c = model.cost(n)
+        if b > 0 and c.per_pixel_s > 0:
+            rates.append(c.per_pixel_s / b)
+    return statistics.median(rates) if rates else 0.0
+
+
+def stream_cost(model: StaticModel, seg: Segment, strip: int) -> StreamCost | None:
+    """``seg`` streamed in strips of ``strip`` rows (of its tallest output) at the example's
+    shape, or None when it cannot be streamed."""
+    try:
+        spec = stream_spec(seg, strip)
+    except TilingError:
+        return None
+    by_name = {n.name: n for n in seg.nodes}
+    outside = {n.name: n for n in model.nodes if n.name in seg.inputs}
+    everything = {**outside, **by_name}
+    try:
+        rows = strip_rows(spec, {k: facts(v).sizes for k, v in outside.items()})
+    except TilingError:
+        return None
+    sizes = rows.sizes
+    nsp = spec.nsp
+
+    def row_bytes(name: str, width: tuple[int, ...] | None = None) -> float:
+        other = width if width is not None else sizes[name][1:]
+        return model.bpp(everything[name]) * math.prod(other)
+
+    info = model.info
+    key = {nm: info.get(nm, {}).get("key") for nm in everything}
+    stage_of = {n: k for k, st in enumerate(spec.stages) for n in st}
+    outputs = set(spec.outputs)
+    whole = outputs | set(spec.region.inputs)
+    storage = {n: (info.get(n, {}).get("nbytes", row_bytes(n) * sizes[n][0]) if n in outputs
+                   else rows.capacity[n] * row_bytes(n)) for n in spec.stored}
+    out_bytes = sum(storage[o] for o in outputs)
+    itemsize = {nm: (everything[nm].meta["tensor_meta"].dtype.itemsize
+                     if hasattr(everything[nm].meta.get("tensor_meta"), "dtype") else 4)
+                for nm in everything}
+    float32 = {nm: str(getattr(everything[nm].meta.get("tensor_meta"), "dtype", "")) == "torch.float32"
+               for nm in everything}
+    # Per stage: the position of each node's reader (its value lives until then).
+    last_use: dict[str, int] = {}
+    for st in spec.stages:
+        pos = {n: i for i, n in enumerate(st)}
+        for i, n in enumerate(st):
+            for src in facts(by_name[n]).rule.inputs:
+                if src[0] in pos:
+                    last_use[src[0]] = max(last_use.get(src[0], 0), i)
+        last_use[st[-1]] = len(st)  # the write reads it last
+
+    copy_rate = _copy_s_per_byte(model)
+    call_s = model.cal.pointwise_call_s
+    most = held = 0.0
+    written: set[str] = set()
+    extra_time = extra_macs = 0.0
+    for j, new in enumerate(rows.new):
+        reads = rows.reads[j]
+        for k, st in enumerate(spec.stages):
+            if st[-1] not in new:
+                continue
+            extra_time += call_s  # the stage body's call
+            out_at: dict[str, float] = {}
+            peak = 0.0
+            for i, n in enumerate(st):
+                node = by_name[n]
+                rule = facts(node).rule
+                a, b = new[n]
+                r = b - a
+                transient = 0.0
+                read_shapes = []
+                for src, _ in rule.inputs:
+                    lo, hi = reads[(n, src)]
+                    width = tuple(w1 - w0 for w0, w1 in rows.rest[(n, src)])
+                    shape = _shape(everything[src])
+                    read_shapes.append(shape[:len(shape) - nsp] + (hi - lo,) + width if shape else None)
+                    if stage_of.get(src) == k:
+                        continue
+                    nb = (hi - lo) * row_bytes(src, width)
+                    extra_time += call_s + nb * copy_rate
+                    view = (src in whole and lo == 0 and hi == sizes[src][0]
+                            and width == tuple(sizes[src][1:]))
+                    if not view:
+                        transient += nb
+                own = 0.0
+                if key.get(n) is None or not any(key.get(s) is not None and key[n] == key[s]
+                                                 for s, _ in rule.inputs):
+                    own = r * row_bytes(n)
+                ws = 0.0
+                kind = info.get(n, {}).get("kind")
+                out_shape = _shape(node)
+                out_shape = out_shape[:len(out_shape) - nsp] + (r,) + tuple(sizes[n][1:]) if out_shape else None
+                if kind == "conv" and read_shapes and read_shapes[0] and out_shape:
+                    w = _shape(node.args[1]) if isinstance(node.args[1], Node) else None
+                    if w:
+                        ws = conv_scratch(read_shapes[0], w, out_shape, tuple(rule.attrs.get("stride", (1,) * nsp)),
+                                          itemsize[n], float32[n])
+                elif kind == "maxpool":
+                    ws = 2 * own
+                elif rule.kind == "transposed":
+                    (src, maps), = rule.inputs
+                    lo, hi = reads[(n, src)]
+                    p0, p1 = maps[0].produced(lo, hi)
+                    made = (p1 - p0) * row_bytes(n)
+                    ws = 2 * made
+                    extra = (p1 - p0) - r
+                    extra_time += model.cost(node).per_pixel_s * extra * math.prod(sizes[n][1:])
+                    macs = info.get(n, {}).get("macs", 0)
+                    extra_macs += macs / max(sizes[src][0], 1) * (hi - lo)
+                elif rule.kind == "interp":
+                    linear = any(getattr(m, "mode", "") == "linear" for m in rule.inputs[0][1])
+                    ws = (3 if linear else 1) * own
+                live = sum(v for m, v in out_at.items() if last_use.get(m, -1) >= i)
+                peak = max(peak, live + transient + own + ws)
+                out_at[n] = own
+            new_storage = 0.0
+            if st[-1] not in written:
+                written.add(st[-1])
+                new_storage = storage[st[-1]]
+            most = max(most, held + peak + new_storage)
+            held += new_storage
+            a, b = new[st[-1]]
+            extra_time += call_s + (b - a) * row_bytes(st[-1]) * copy_rate  # the write
+    # Every node pays its fixed cost once per strip it computes in (once untiled).
+    active = {n: 0 for n in by_name}
+    for new in rows.new:
+        for n in new:
+            active[n] += 1
+    extra_time += sum(model.cost(by_name[n]).fixed_s * (c - 1) for n, c in active.items())
+    for n in by_name:
+        if facts(by_name[n]).rule.kind == "transposed":
+            extra_macs -= info.get(n, {}).get("macs", 0)
+    buffers = sum(v for n, v in storage.items() if n not in outputs)
+    return StreamCost(peak_bytes=max(most - out_bytes, 0.0), buffer_bytes=buffers,
+                      extra_time_s=extra_time, extra_macs=max(extra_macs, 0.0),
+                      strips=len(rows.new), output_strips=len(rows.new) - rows.warmup)
+
+
+def strip_heights(seg: Segment) -> list[int]:
+    """The strip heights tried for ``seg``: its tallest output's rows over :data:`STRIP_COUNTS`
+    (at least one row, each height once)."""
+    tallest = max(facts(o).sizes[0] for o in seg.outputs)
+    return sorted({max(1, -(-tallest // s)) for s in STRIP_COUNTS if s <= tallest} - {tallest},
+                  reverse=True)
