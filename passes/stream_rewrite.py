@@ -11,6 +11,7 @@ rule table emits them into a tile body, one write. ``gm`` must carry the recepti
 
 from __future__ import annotations
 
+import math
 import operator
 from operator import attrgetter
 from typing import Any, Iterable
@@ -151,7 +152,8 @@ def stream_rewrite(gm: GraphModule, merge: Any, strip: int, name: str | None = N
                origin=last, role="row_write")
         b.g.output(None)
         bodies.append(GraphModule(gm, b.g, class_name="StageBody"))
-    module = StreamRegion(bodies, spec, tuple(placeholders.index(p) for p in spatial_inputs))
+    module = StreamRegion(bodies, spec, tuple(placeholders.index(p) for p in spatial_inputs),
+                          {n: _position_bytes(by_name[n]) for n in spec.stored})
     # The schedule at the traced shape: a region the strips cannot run fails here, not later.
     strip_schedule(spec, {p.name: facts(p).sizes for p in spatial_inputs})
 
@@ -206,6 +208,14 @@ def _outer(gm: GraphModule, region: list[Node], absorbed: set[Node], outputs: li
     keep_calling_convention(out, gm)
     out.graph.lint()
     return out
+
+
+def _position_bytes(n: Node) -> float:
+    tm = n.meta.get("tensor_meta")
+    sizes = facts(n).sizes
+    if not hasattr(tm, "shape") or not sizes:
+        return 0.0
+    return tm.shape.numel() * tm.dtype.itemsize / max(1, math.prod(sizes))
 
 
 def _start_nodes(gm: GraphModule, start: Iterable[str]) -> list[Node]:

@@ -32,14 +32,29 @@ class StreamRegion(nn.Module):
     spatial inputs, row buffers, output buffers), ``strip`` is the strip's record
     (:class:`tilefx.streaming.Strip`). ``spatial_args`` are the positions of the spatial inputs
     (``spec.region.inputs``) among the call's arguments.
+
+    >>> import torch, tilefx
+    >>> from tilefx.passes.stream_rewrite import stream_rewrite
+    >>> m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(),
+    ...                         torch.nn.Conv2d(4, 2, 3, padding=1)).eval()
+    >>> x = torch.randn(1, 3, 32, 32)
+    >>> region = stream_rewrite(tilefx.prepare(m, x), "output", strip=8).stream_region_0
+    >>> region.extra_repr()
+    "strip=8 rows, nodes=3, stages=2, outputs=['conv2d_1']"
+    >>> sched = region.schedule_for({"input_1": (32, 32)})
+    >>> sched.capacity["relu"], sched.carried["relu"]   # 8 new rows and the 2 a 3x3 reads back
+    (10, 2)
     """
 
     def __init__(self, stages: list[torch.fx.GraphModule], spec: StreamSpec,
-                 spatial_args: tuple[int, ...]):
+                 spatial_args: tuple[int, ...], position_bytes: dict[str, float] | None = None):
         super().__init__()
         self.stages = nn.ModuleList(stages)
         self.spec = spec
         self.spatial_args = spatial_args
+        #: bytes per spatial position of each stored node at the traced batch and dtype (what
+        #: ``explain`` reports buffer sizes in)
+        self.position_bytes = dict(position_bytes or {})
         self._schedules: dict[Any, StreamSchedule] = {}
 
     def __getstate__(self) -> dict[str, Any]:
