@@ -45,7 +45,7 @@ from torch.utils._pytree import tree_flatten
 from ..kernels import Gather, write_tile
 from ..region import TiledRegion
 from ..rules import cost_class, schema_args
-from ..stream_kernels import stream_write
+from ..stream_kernels import NEW_SUFFIX, stream_write
 from ..stream_region import StreamRegion
 from .channels_last import ChannelsLastBlock
 
@@ -372,34 +372,54 @@ def _region_step(region, args: tuple, workspace: str | None, external: set) -> t
 def _stream_step(region: StreamRegion, args: tuple, workspace: str | None,
                  external: set) -> tuple[Any, Step]:
     """A StreamRegion call as one step: its full-size outputs, and as scratch the most it holds
-    at once: the storages allocated so far (row buffers, outputs) plus the stage running, with
-    the storage its write allocates. Stages run in strip order; each body is fake-run once per
-    distinct set of rows it computes and reads."""
+    at once: what its state holds when a stage starts (row buffers, outputs, new rows kept for
+    later readers of the strip) plus the stage's own peak and the storage its write allocates.
+    Stages run in strip order; each body is recorded once per distinct set of rows it computes
+    and reads, and otherwise just run (on fake tensors)."""
     sched = region.schedule_for(region.input_sizes(args))
     spec = region.spec
     state: dict[str, Any] = {n: args[i] for n, i in zip(spec.region.inputs, region.spatial_args)}
+    inputs = set(state)
     outside = set(external) | {StorageWeakRef(t.untyped_storage()) for t in _tensors(args)}
+
+    def storages() -> dict[Any, tuple[str, int]]:
+        out = {}
+        for k, t in state.items():
+            if k not in inputs:
+                out[StorageWeakRef(t.untyped_storage())] = (k, t.untyped_storage().nbytes())
+        return out
+
     peaks: dict[tuple, int] = {}
-    counted: set[str] = set()
-    most = held = 0
+    most = 0
     for strip in sched.strips:
         for k in strip.stages:
             names = spec.stages[k]
+            mine = {key: r for key, r in strip.reads.items() if key[0] in names}
             sig = (k, tuple(strip.rows[n][1] - strip.rows[n][0] for n in names),
-                   tuple((key, r.pad_lo, r.pad_hi, len(r.pieces), sum(b - a for a, b in r.pieces))
-                         for key, r in strip.reads.items() if key[0] in names))
+                   tuple((key, r.pad_lo, r.pad_hi, r.release,
+                          r.pieces and tuple((w, b - a) for w, a, b in r.pieces))
+                         for key, r in mine.items()))
+            before = storages()
+            # New rows of earlier stages this stage's reads drop: alive until that read.
+            dropped = {p + NEW_SUFFIX: f"{c}_read_{p}" for (c, p), r in mine.items() if r.release}
+            gone = {key for key, (name, _) in before.items() if name in dropped}
             if sig not in peaks:
-                ext = outside | {StorageWeakRef(b.untyped_storage()) for b in state.values()}
+                ext = outside | set(before)
                 rec = _Recorder(region.stages[k], workspace, external=ext)
                 rec.run(*args, state, strip)
-                peaks[sig] = int(liveness(rec.steps)[0])
-            last = names[-1]
-            new = 0
-            if last not in counted:  # this stage's first write allocates its storage
-                counted.add(last)
-                new = state[last].untyped_storage().nbytes()
-            most = max(most, held + peaks[sig] + new)
-            held += new
+                steps = list(rec.steps)
+                held = Step("held", allocs=[(key, before[key][1]) for key in gone])
+                for st in steps:
+                    st.reads = list(st.reads) + [key for key in gone
+                                                 if dropped[before[key][0]] == st.name]
+                peaks[sig] = int(liveness([held] + steps)[0])
+            else:
+                region.stages[k](*args, state, strip)
+            after = storages()
+            made = sum(b for key, (name, b) in after.items()
+                       if key not in before and not name.endswith(NEW_SUFFIX))
+            kept = sum(b for key, (_, b) in before.items() if key not in gone)
+            most = max(most, kept + peaks[sig] + made)
     outs = tuple(state[o] for o in spec.outputs)
     out_bytes = sum(b.untyped_storage().nbytes() for b in outs)
     step = Step("", allocs=[(StorageWeakRef(b.untyped_storage()), b.untyped_storage().nbytes())

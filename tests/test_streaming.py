@@ -22,6 +22,7 @@ from tilefx.errors import TilingError
 from tilefx.measure import peak_memory
 from tilefx.passes.memory import simulate
 from tilefx.passes.stream_rewrite import stream_rewrite
+from tilefx.stream_kernels import NEW_SUFFIX
 from tilefx.stream_region import StreamRegion
 from tilefx.streaming import strip_rows
 from tilefx.tiling import propagate_axis
@@ -124,9 +125,10 @@ def chain(*layers):
 
 
 def test_conv_chain_keeps_k_minus_s_rows():
-    """Three 3x3 convolutions, strips of h=4 rows: the output's strip j reads rows
-    [4j-1, 4j+5) of the second conv, which then holds [4j-1, 4j+5): 2 rows carried from the
-    last strip (k - s = 2) plus 4 new ones; the same for the first."""
+    """Three 3x3 convolutions, strips of h=4 rows: after strip j the output has e = 4(j+1)
+    rows and the second conv e+1; the next strip reads it from row e-1, so 2 rows are stored
+    (k - s = 2) and its ring holds those 2 and the 2 stored by the next strip, whatever the
+    strip height (the rest of a strip's new rows are read from its value, in the strip)."""
     model = chain(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1),
                   nn.Conv2d(4, 4, 3, padding=1))
     x = torch.randn(1, 3, 32, 16, dtype=torch.float64)
@@ -136,7 +138,7 @@ def test_conv_chain_keeps_k_minus_s_rows():
     inner = [n for n in region_of(s).spec.stored if n not in region_of(s).spec.outputs]
     assert len(inner) == 2
     assert [rows.carried[n] for n in inner] == [2, 2]
-    assert [rows.capacity[n] for n in inner] == [6, 6]
+    assert [rows.capacity[n] for n in inner] == [4, 4]
     assert_every_row_once(s, x.shape)
     assert rows_computed_at_run_time(s, x) == Counter({rn.name: 32 for rn in region_of(s).spec.nodes})
 
@@ -180,9 +182,8 @@ def test_two_level_unet_skip_fifo_by_hand():
     The nearest x2 upsampling of e1 reads e1 rows up to floor(e/2)+1, plus one row each side
     for ATen's rounding: e1 needs [0, e/2+2); its 3x3 conv needs pool rows [0, e/2+3); the
     2x2 max pool needs e0 rows [0, e+6). So e0 runs 5 rows ahead of the cat's next read
-    (e+6 vs e+1): the skip FIFO carries 5 rows from strip to strip (5 + 4 new after a write).
-    It is largest in the first strip with output rows: the cat reads e0 from row 0 while the
-    pool has pulled it to e+6 = 10, so its ring holds 10 rows (of 48)."""
+    (e+6 vs e+1): the skip FIFO carries 5 rows from strip to strip; every new row is stored
+    (the cat reads it in a later strip), so its ring holds 5 + 4 rows (of 48)."""
     model = TwoLevelUNet().eval().double()
     x = torch.randn(1, 3, 48, 12, dtype=torch.float64)
     s = streamed(tilefx.prepare(model, x), strip=4)
@@ -193,7 +194,7 @@ def test_two_level_unet_skip_fifo_by_hand():
               and any(c.name.startswith("cat") for c in spec.nodes
                       if n in c.sources))
     assert rows.carried[e0] == 5
-    assert rows.capacity[e0] == 10
+    assert rows.capacity[e0] == 9
     assert_every_row_once(s, x.shape)
 
 
@@ -375,7 +376,8 @@ def test_weights_shared_and_input_graph_untouched():
 
 def test_row_buffers_allocated_once_and_no_cat_per_strip():
     """Each stored node's storage is created at its first write and reused by every later
-    strip; reads and writes never concatenate."""
+    strip; reads and writes never concatenate; the new rows kept for a strip's readers are
+    dropped within the strip."""
     model = chain(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
                   nn.MaxPool2d(3, 2, 1), nn.Conv2d(4, 4, 3, padding=1))
     x = torch.randn(1, 3, 40, 12, dtype=torch.float64)
@@ -397,7 +399,10 @@ def test_row_buffers_allocated_once_and_no_cat_per_strip():
             for k in strip.stages:
                 r.stages[k](x, state, strip)
     assert len(sched.strips) > 10
-    assert set(state.sets) == set(r.spec.stored) and set(state.sets.values()) == {1}
+    stored = {k: v for k, v in state.sets.items() if not k.endswith(NEW_SUFFIX)}
+    assert set(stored) == set(r.spec.stored) and set(stored.values()) == {1}
+    # a strip's new rows are kept for its readers only, and dropped by the last of them
+    assert not any(k.endswith(NEW_SUFFIX) for k in state)
     for n in r.spec.stored:
         assert state[n].shape[2] == sched.capacity[n]
     assert not any(e.name == "aten::cat" for e in prof.events())

@@ -37,7 +37,7 @@ from .passes.memory import conv_scratch
 from .passes.receptive_field import facts
 from .plan_model import Segment, StaticModel
 from .streaming import StreamSpec, check_streamable, stages_of, strip_rows
-from .tiling import RegionNode, RegionSpec
+from .tiling import RegionNode, RegionSpec, source_interval
 
 __all__ = ["StreamCost", "stream_spec", "stream_cost", "strip_heights", "STRIP_COUNTS"]
 
@@ -140,17 +140,36 @@ def stream_cost(model: StaticModel, seg: Segment, strip: int) -> StreamCost | No
 
     copy_rate = _copy_s_per_byte(model)
     call_s = model.cal.pointwise_call_s
+    order = {n.name: i for i, n in enumerate(seg.nodes)}
     most = held = 0.0
+    pending: dict[str, float] = {}  # new rows kept for this strip's later readers
     written: set[str] = set()
     extra_time = extra_macs = 0.0
     for j, new in enumerate(rows.new):
         reads = rows.reads[j]
+        # Which reads take a producer's new rows (from its value), and the last one of each.
+        fresh: dict[tuple[str, str], tuple[int, int]] = {}  # (consumer, producer): old, new rows
+        last: dict[str, tuple[int, int, str]] = {}
+        for (c, src), (lo, hi) in reads.items():
+            if stage_of.get(src) == stage_of[c]:
+                continue
+            clo, chi = source_interval(lo, hi, sizes[src][0], facts(by_name[c]).rule.pad)
+            a_src = new[src][0] if src in new and src not in whole else chi
+            cut = max(clo, min(chi, a_src))
+            fresh[(c, src)] = (cut - clo, chi - cut)
+            if chi > cut:
+                last[src] = max(last.get(src, (-1, -1, "")), (stage_of[c], order[c], c))
+        release = {(c, src) for src, (_, _, c) in last.items()}
         for k, st in enumerate(spec.stages):
             if st[-1] not in new:
                 continue
             extra_time += call_s  # the stage body's call
             out_at: dict[str, float] = {}
             peak = 0.0
+            # New rows of earlier stages whose last reader is here: alive until that read.
+            dropped = {c: [pending.get(src, 0.0) for (c2, src) in release if c2 == c]
+                       for c in st}
+            later = sum(sum(v) for v in dropped.values())
             for i, n in enumerate(st):
                 node = by_name[n]
                 rule = facts(node).rule
@@ -165,10 +184,15 @@ def stream_cost(model: StaticModel, seg: Segment, strip: int) -> StreamCost | No
                     read_shapes.append(shape[:len(shape) - nsp] + (hi - lo,) + width if shape else None)
                     if stage_of.get(src) == k:
                         continue
+                    old, newer = fresh[(n, src)]
+                    padded = hi - lo != old + newer or width != tuple(sizes[src][1:])
+                    # One piece with no padding is a view for a pointwise op (and for any op
+                    # when it is a whole stored map); anything else is copied into one window.
+                    view = not padded and (old == 0 or newer == 0) and (
+                        rule.kind == "pointwise"
+                        or (src in whole and lo == 0 and hi == sizes[src][0]))
                     nb = (hi - lo) * row_bytes(src, width)
-                    extra_time += call_s + nb * copy_rate
-                    view = (src in whole and lo == 0 and hi == sizes[src][0]
-                            and width == tuple(sizes[src][1:]))
+                    extra_time += call_s + (0.0 if view else nb * copy_rate)
                     if not view:
                         transient += nb
                 own = 0.0
@@ -190,26 +214,32 @@ def stream_cost(model: StaticModel, seg: Segment, strip: int) -> StreamCost | No
                     (src, maps), = rule.inputs
                     lo, hi = reads[(n, src)]
                     p0, p1 = maps[0].produced(lo, hi)
-                    made = (p1 - p0) * row_bytes(n)
-                    ws = 2 * made
-                    extra = (p1 - p0) - r
-                    extra_time += model.cost(node).per_pixel_s * extra * math.prod(sizes[n][1:])
-                    macs = info.get(n, {}).get("macs", 0)
-                    extra_macs += macs / max(sizes[src][0], 1) * (hi - lo)
+                    ws = 2 * (p1 - p0) * row_bytes(n)
+                    extra_time += (model.cost(node).per_pixel_s * ((p1 - p0) - r)
+                                   * math.prod(sizes[n][1:]))
+                    extra_macs += info.get(n, {}).get("macs", 0) / max(sizes[src][0], 1) * (hi - lo)
                 elif rule.kind == "interp":
                     linear = any(getattr(m, "mode", "") == "linear" for m in rule.inputs[0][1])
                     ws = (3 if linear else 1) * own
                 live = sum(v for m, v in out_at.items() if last_use.get(m, -1) >= i)
-                peak = max(peak, live + transient + own + ws)
+                peak = max(peak, live + transient + later)  # its reads, copied
+                later -= sum(dropped[n])
+                peak = max(peak, live + transient + own + ws + later)  # the op
                 out_at[n] = own
-            new_storage = 0.0
-            if st[-1] not in written:
-                written.add(st[-1])
-                new_storage = storage[st[-1]]
-            most = max(most, held + peak + new_storage)
-            held += new_storage
-            a, b = new[st[-1]]
-            extra_time += call_s + (b - a) * row_bytes(st[-1]) * copy_rate  # the write
+            out = st[-1]
+            made = 0.0
+            if out in rows.stored[j] and out not in written:
+                written.add(out)
+                made = storage[out]
+            for (c, src) in release:
+                if c in st:
+                    pending.pop(src, None)
+            most = max(most, held + sum(pending.values()) + peak + made)
+            held += made
+            if out in last:  # this strip's readers take its new rows from the value
+                pending[out] = (new[out][1] - new[out][0]) * row_bytes(out)
+            s0, s1 = rows.stored[j].get(out, (0, 0))
+            extra_time += call_s + (s1 - s0) * row_bytes(out) * copy_rate  # the write
     # Every node pays its fixed cost once per strip it computes in (once untiled).
     active = {n: 0 for n in by_name}
     for new in rows.new:

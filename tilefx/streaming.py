@@ -3,29 +3,31 @@ how many rows each row buffer holds. Pure integer geometry for one input shape.
 
 A **streaming region** runs its nodes in strips along the stream axis (the first spatial axis),
 at full extent along the others. In every strip each node computes the rows its consumers need
-next and no others, so every output row of every node is computed exactly once; a node whose
-rows are read by later strips keeps them in a **row buffer**. Producers run ahead of their
-consumers by the receptive-field delay between them, so an edge whose consumer is far
-downstream (a U-Net skip: the encoder's rows wait until the decoder reaches them) holds a FIFO
-of rows. Its size follows from the two row schedules, as a buffer in cyclo-static dataflow
-(CSDF) is sized from its actors' firing sequences: the rows the producer has computed less the
-first row a consumer will still read, at its largest over the strips.
+next and no others, so every output row of every node is computed exactly once. Readers in the
+same strip read a node's new rows from its value of this strip; the rows a *later* strip reads
+are kept in the node's **row buffer**. Producers run ahead of their consumers by the
+receptive-field delay between them, so an edge whose consumer is far downstream (a U-Net skip:
+the encoder's rows wait until the decoder reaches them) holds a FIFO of rows. Its size follows
+from the two row schedules, as a buffer in cyclo-static dataflow (CSDF) is sized from its
+actors' firing sequences: the stored rows from the first one a read of this or a later strip
+still needs up to the last one computed, at the most over the strips.
 
-**The schedule.** Strip ``j`` asks every region output for the rows ``[0, e(j))`` (``e`` grows
-by the strip height, in rows of the tallest output). Backward window propagation
-(:func:`tilefx.tiling.propagate_axis`, the same function the tile grid uses) turns that into
-``done_n(j)``: the rows each node must have computed by the end of strip ``j``. Node ``n``
-computes rows ``[done_n(j-1), done_n(j))`` in strip ``j``, reading through its op's window map
-the rows ``[lo, hi)`` of each input. A row of a producer is dropped once no later read starts
-at or below it. The first strip would compute every producer's whole lead at once (a U-Net's
-encoder is ~100 rows ahead at full resolution), so the schedule opens with warm-up strips in
-which every node advances by the same fraction of that lead.
+**The clock.** Strips advance by the strip height ``h`` in rows of the region's tallest feature
+map; a node of extent ``H_n`` advances ``h * H_n / H_max`` rows per strip (a node of a smaller
+map computes a row every few strips). Node ``n``'s own target after strip ``j`` is its lead
+``L_n`` (the rows it must have computed before the outputs' first row: its receptive-field
+delay) plus ``(j - K) * h * H_n / H_max`` rows, where ``K`` is the number of warm-up strips, in
+which the leads fill at that same pace, so no strip computes a node's whole lead at once.
+Backward window propagation (:func:`tilefx.tiling.propagate_axis`, the same function the tile
+grid uses) turns the targets into ``done_n(j)``, the rows each node has computed by the end of
+strip ``j`` (at least its target, and what its readers' targets pull); node ``n`` computes rows
+``[done_n(j-1), done_n(j))`` in strip ``j``, reading through its op's window map the rows
+``[lo, hi)`` of each input.
 
-**Stages.** A node whose only reader reads it position by position (a convolution's batch
-norm, its activation, a residual add, a 1x1 convolution) computes the same rows as its reader
-in every strip. Such chains form one **stage**: one body call per strip, no row buffer inside.
-Only a stage's last node is stored (a row buffer, or the full-size output buffer of a region
-output).
+**Row buffers.** A row is stored when a strip after the one computing it reads it: the stored
+rows of a strip are its new rows from the first row a later strip reads (``keep``), and take
+consecutive ring positions. A window op's input keeps ``k - s`` rows (times its dilation)
+whatever the strip height; a skip keeps the rows between its two readers.
 """
 
 from __future__ import annotations
@@ -36,19 +38,14 @@ from typing import Any
 
 from .errors import TilingError
 from .kernels import CropTable
-from .stream_kernels import RowRead, RowWrite
+from .stream_kernels import NEW, STORED, RowRead, RowWrite
 from .tiling import RegionNode, RegionSpec, crop_table, extents, propagate_axis, source_interval
 from .windows import IDENTITY
 
 __all__ = ["StreamSpec", "Strip", "RowSchedule", "StreamSchedule", "stages_of",
-           "check_streamable", "strip_rows", "strip_schedule", "WARMUP_RATIO"]
+           "check_streamable", "strip_rows", "strip_schedule"]
 
 Interval = tuple[int, int]
-
-#: In warm-up strips every node advances by this many times its steady rows per strip (the
-#: rows it computes per strip once the outputs advance), so no strip computes a node's whole
-#: lead over the outputs at once.
-WARMUP_RATIO = 1.5
 
 
 @dataclass(frozen=True)
@@ -56,7 +53,7 @@ class StreamSpec:
     """The static facts of a streaming region: its nodes, inputs and outputs (``region``, a
     :class:`~tilefx.tiling.RegionSpec` whose grid is unused), its stages (node names in
     topological order; the last one of each is stored), and the strip height ``strip`` in
-    rows of its tallest output."""
+    rows of its tallest feature map."""
 
     region: RegionSpec
     stages: tuple[tuple[str, ...], ...]
@@ -96,23 +93,26 @@ class Strip:
 
 @dataclass(frozen=True)
 class RowSchedule:
-    """The integer part of a schedule: which rows every node computes and reads, per strip.
+    """The integer part of a schedule: which rows every node computes, reads and stores, per
+    strip.
 
     ``new[j]``: the rows each node computing in strip ``j`` computes; ``reads[j]``: what each
     such node reads of each input along the stream axis (global rows, possibly off the map);
     ``rest``: what each read covers along the other spatial axes (the same in every strip);
+    ``stored[j]``: the rows of each stored node's new ones that later strips read (a suffix);
     ``done[n]``: rows of ``n`` computed by the end of each strip; ``keep[n]``: per strip, the
-    first row of ``n`` a read of this or a later strip still needs (a row buffer holds
-    ``[keep, done)`` after its write); ``capacity[n]``: a stored node's ring size in rows (the
-    full extent for a region output); ``carried[n]``: the most rows a stored node keeps from one
-    strip to the next (``k - s`` rows, times dilation, for a window op's input; a U-Net skip's
-    FIFO holds the decoder's delay); ``warmup``: strips before the first output rows' strip.
+    first row of ``n`` a read of this or a later strip still needs; ``capacity[n]``: a stored
+    node's ring size in rows (the full extent for a region output); ``carried[n]``: the most
+    rows it keeps from one strip to the next (``k - s`` rows, times dilation, for a window op's
+    input; a U-Net skip's FIFO holds the decoder's delay); ``warmup``: strips before the one
+    computing the outputs' first row.
     """
 
     sizes: dict[str, tuple[int, ...]]
     new: tuple[dict[str, Interval], ...]
     reads: tuple[dict[tuple[str, str], Interval], ...]
     rest: dict[tuple[str, str], tuple[Interval, ...]]
+    stored: tuple[dict[str, Interval], ...]
     done: dict[str, tuple[int, ...]]
     keep: dict[str, tuple[int, ...]]
     capacity: dict[str, int]
@@ -120,7 +120,7 @@ class RowSchedule:
     warmup: int
 
     def computed(self) -> dict[str, int]:
-        """Rows each node computes over all strips (its extent: every row once)."""
+        """Rows each node computes over all strips (each row once)."""
         out: dict[str, int] = {}
         for new in self.new:
             for n, (a, b) in new.items():
@@ -217,35 +217,21 @@ def check_streamable(nodes: tuple[RegionNode, ...]) -> None:
 # --------------------------------------------------------------------------- the schedule
 
 
-def _output_targets(spec: StreamSpec, sizes: dict, strips: int, j: int) -> dict[str, Interval]:
-    """Rows ``[0, e)`` each region output must hold after strip ``j`` of ``strips``."""
-    ref = max(sizes[o][0] for o in spec.outputs)
-    out = {}
-    for o in spec.outputs:
-        n = sizes[o][0]
-        e = n if j >= strips - 1 else min(n, max(1, -(-(j + 1) * spec.strip * n // ref)))
-        out[o] = (0, e)
+def _ancestors(names: set[str], by_name: dict[str, RegionNode]) -> set[str]:
+    """``names`` and the region nodes they are computed from."""
+    out, walk = set(), list(names)
+    while walk:
+        n = walk.pop()
+        if n in out or n not in by_name:
+            continue
+        out.add(n)
+        walk.extend(by_name[n].sources)
     return out
 
 
-def _ring(lo: int, hi: int, cap: int | None) -> tuple[tuple[int, int], ...]:
-    """Ring positions of rows ``[lo, hi)`` in a ring of ``cap`` rows (None: stored whole)."""
-    if hi <= lo:
-        return ()
-    if cap is None:
-        return ((lo, hi),)
-    out, r = [], lo
-    while r < hi:
-        p = r % cap
-        n = min(hi - r, cap - p)
-        out.append((p, p + n))
-        r += n
-    return tuple(out)
-
-
 def strip_rows(spec: StreamSpec, input_sizes: dict[str, tuple[int, ...]]) -> RowSchedule:
-    """The rows every node of ``spec`` computes and reads in every strip, for these input
-    extents (spatial sizes by input name), and the row buffers they need.
+    """The rows every node of ``spec`` computes, reads and stores in every strip, for these
+    input extents (spatial sizes by input name), and the row buffers they need.
 
     >>> from tilefx.rules import SpatialRule, ZEROS
     >>> from tilefx.windows import Affine
@@ -256,7 +242,7 @@ def strip_rows(spec: StreamSpec, input_sizes: dict[str, tuple[int, ...]]) -> Row
     ...                   stages_of(nodes, ("c3",)), strip=4)
     >>> s = strip_rows(spec, {"x": (16, 16)})
     >>> s.carried["c1"], s.carried["c2"], s.capacity["c2"]   # 3x3 convolutions keep 2 rows
-    (2, 2, 6)
+    (2, 2, 4)
     >>> s.computed() == {"c1": 16, "c2": 16, "c3": 16}       # every row once
     True
     """
@@ -278,38 +264,45 @@ def strip_rows(spec: StreamSpec, input_sizes: dict[str, tuple[int, ...]]) -> Row
         for key in rest:
             rest[key] += (aw.reads[key],)
 
-    # Stream axis: cumulative rows per strip, by backward propagation from the outputs.
+    # The stream axis: every node's target per strip, then what propagation makes of them.
     h0 = {k: v[0] for k, v in sizes.items()}
-    ref = max(h0[o] for o in region.outputs)
-    strips = -(-ref // spec.strip)
+    tallest = max(h0[n] for n in by_name)
+    h = min(spec.strip, tallest)
 
     def pull(pieces: dict[str, Interval]) -> dict[str, Interval]:
-        return propagate_axis(nodes, pieces, h0, 0).need
-
-    first = pull(_output_targets(spec, sizes, strips, 0))
-    # Warm-up: the first strip's lead of every node is spread backwards over earlier strips,
-    # each node falling back by WARMUP_RATIO times its steady rate per strip (the pipeline's
-    # schedule continued back in time, so producers stay just ahead of their consumers). The
-    # number of warm-up strips follows the nodes that compute at least a row per strip; a
-    # smaller map computes what remains of its lead in the first warm-up strip.
-    rate = {n: spec.strip * h0[n] / ref for n in by_name}
-    lead = {n: first[n][1] - first[n][0] for n in by_name}
-    big = [n for n in by_name if rate[n] >= 1.0] or list(by_name)
-    warmup = max(0, max(math.ceil(lead[n] / (WARMUP_RATIO * max(rate[n], 1.0))) for n in big) - 1)
-    cumulative: list[dict[str, Interval]] = []
-    for k in range(warmup, 0, -1):
-        pieces = {}
-        for n, (a, _) in first.items():
-            t = lead[n] - math.ceil(k * WARMUP_RATIO * rate[n])
-            if t > 0:
-                pieces[n] = (a, a + t)
         reached = _ancestors(set(pieces), by_name)
         need = propagate_axis(tuple(rn for rn in nodes if rn.name in reached), pieces, h0, 0).need
-        cumulative.append({n: need.get(n, (first[n][0], first[n][0])) for n in by_name})
-    cumulative.append(first)
-    cumulative += [pull(_output_targets(spec, sizes, strips, j)) for j in range(1, strips)]
+        return {n: need.get(n, (start[n], start[n])) for n in by_name}
 
+    full = propagate_axis(nodes, {o: (0, h0[o]) for o in region.outputs}, h0, 0).need
+    # Leads: what every node computes before the outputs' first strip of rows.
+    first = propagate_axis(nodes, {o: (0, max(1, h * h0[o] // tallest)) for o in region.outputs},
+                           h0, 0).need
     start = {n: first[n][0] for n in by_name}
+    lead = {n: first[n][1] - start[n] for n in by_name}
+    span = {n: full[n][1] - start[n] for n in by_name}
+    # Rows per strip, as the exact fraction h * H_n / H_max: a target is an integer quotient.
+    warmup = max(-(-lead[n] * tallest // (h * h0[n])) for n in by_name)
+    cumulative: list[dict[str, Interval]] = []
+    j = 0
+    while True:
+        pieces = {}
+        for n in by_name:
+            t = min(span[n], lead[n] + (j - warmup) * h * h0[n] // tallest)
+            if t > 0:
+                pieces[n] = (start[n], start[n] + t)
+        need = pull(pieces)
+        if not cumulative or need != cumulative[-1]:
+            cumulative.append(need)
+        elif j < warmup:
+            warmup -= 1  # a warm-up strip with nothing to compute is left out
+        if all(need[n][1] >= full[n][1] for n in by_name):
+            break
+        j += 1
+        if j > 4 * (warmup + tallest + 1):  # pragma: no cover - targets reach every extent
+            raise TilingError("the strip schedule does not finish; please report this as a "
+                              "tilefx bug")
+
     done: dict[str, list[int]] = {n: [] for n in by_name}
     prev = dict(start)
     reads: list[dict[tuple[str, str], Interval]] = []
@@ -318,13 +311,13 @@ def strip_rows(spec: StreamSpec, input_sizes: dict[str, tuple[int, ...]]) -> Row
         new: dict[str, Interval] = {}
         for rn in nodes:
             lo, hi = need[rn.name]
-            if lo != start[rn.name] or hi < prev[rn.name]:
+            if (lo != start[rn.name] and hi > lo) or hi < prev[rn.name]:
                 raise TilingError(  # pragma: no cover - window maps are monotone
                     f"node {rn.format or rn.name} would compute rows out of order in strip {j}; "
                     "please report this as a tilefx bug")
             if hi > prev[rn.name]:
                 new[rn.name] = (prev[rn.name], hi)
-            done[rn.name].append(hi)
+            done[rn.name].append(max(hi, prev[rn.name]))
         for st in spec.stages:
             active = {n in new for n in st}
             if len(active) > 1 or (active == {True} and len({new[n] for n in st}) > 1):
@@ -348,7 +341,7 @@ def strip_rows(spec: StreamSpec, input_sizes: dict[str, tuple[int, ...]]) -> Row
         news.append(new)
         prev = {n: done[n][-1] for n in by_name}
 
-    # Row buffers: what later reads still need, at its largest over the strips.
+    # What later strips read: the first row of each node a read of strip j or later needs.
     total = len(cumulative)
     lowest: dict[str, list[float]] = {n: [math.inf] * total for n in by_name}
     for j, touched in enumerate(reads):
@@ -357,22 +350,44 @@ def strip_rows(spec: StreamSpec, input_sizes: dict[str, tuple[int, ...]]) -> Row
                 clo, _ = source_interval(lo, hi, h0[src], by_name[c].rule.pad)
                 lowest[src][j] = min(lowest[src][j], clo)
     keep: dict[str, tuple[int, ...]] = {}
-    capacity: dict[str, int] = {}
-    carried: dict[str, int] = {}
     for n in by_name:
         suffix, run = [0] * total, math.inf
         for j in range(total - 1, -1, -1):
             run = min(run, lowest[n][j])
             suffix[j] = int(min(run, done[n][j]))
         keep[n] = tuple(suffix)
+    stored: list[dict[str, Interval]] = [{} for _ in range(total)]
+    capacity: dict[str, int] = {}
+    carried: dict[str, int] = {}
     for n in spec.stored:
-        before = [start[n]] + done[n][:-1]
-        low = [min(keep[n][j], before[j]) for j in range(total)]
-        carried[n] = max(0, max(before[j] - low[j] for j in range(total)))
-        capacity[n] = h0[n] if n in outputs else max(1, max(done[n][j] - low[j] for j in range(total)))
+        if n in outputs:  # the full-size output buffer holds every row
+            for j, new in enumerate(news):
+                if n in new:
+                    stored[j][n] = new[n]
+            capacity[n], carried[n] = h0[n], 0
+            continue
+        kept = []  # stored rows, in order
+        for j, new in enumerate(news):
+            if n in new:
+                a, b = new[n]
+                later = keep[n][j + 1] if j + 1 < total else b
+                s0 = min(max(a, later), b)
+                if s0 < b:
+                    stored[j][n] = (s0, b)
+                    kept.append((s0, b))
+        # Stored rows live from their strip until no read of the current strip or a later one
+        # needs them: at most this many at once (a strip's old rows and its new stored ones).
+        live = carry = 0
+        for j in range(total):
+            lo = keep[n][j]
+            hi = done[n][j]
+            live = max(live, sum(max(0, min(b, hi) - max(a, lo)) for a, b in kept))
+            nxt = keep[n][j + 1] if j + 1 < total else hi
+            carry = max(carry, sum(max(0, min(b, hi) - max(a, nxt)) for a, b in kept))
+        capacity[n], carried[n] = max(1, live), carry
     return RowSchedule(sizes=sizes, new=tuple(news), reads=tuple(reads), rest=rest,
-                       done={n: tuple(v) for n, v in done.items()}, keep=keep,
-                       capacity=capacity, carried=carried, warmup=warmup)
+                       stored=tuple(stored), done={n: tuple(v) for n, v in done.items()},
+                       keep=keep, capacity=capacity, carried=carried, warmup=warmup)
 
 
 def strip_schedule(spec: StreamSpec, input_sizes: dict[str, tuple[int, ...]]) -> StreamSchedule:
@@ -383,10 +398,47 @@ def strip_schedule(spec: StreamSpec, input_sizes: dict[str, tuple[int, ...]]) ->
     sizes = rows.sizes
     nsp = region.nsp
     stage_of = {n: k for k, st in enumerate(spec.stages) for n in st}
-    whole = set(region.inputs) | set(region.outputs)  # stored at their own rows
-    cap = {n: (None if n in whole else c) for n, c in rows.capacity.items()}
-    cap.update({n: None for n in region.inputs})
+    order = {rn.name: i for i, rn in enumerate(region.nodes)}
+    outputs = set(region.outputs)
     h0 = {k: v[0] for k, v in sizes.items()}
+    # Ring positions: the stored rows of a node in order, modulo its capacity.
+    rank: dict[str, list[tuple[int, int, int]]] = {}  # node -> (first row, last row, first rank)
+    for n in spec.stored:
+        if n in outputs:
+            continue
+        runs, r = [], 0
+        for st in rows.stored:
+            if n in st:
+                a, b = st[n]
+                runs.append((a, b, r))
+                r += b - a
+        rank[n] = runs
+
+    def positions(n: str, lo: int, hi: int) -> list[tuple[int, int, int]]:
+        """STORED pieces of rows [lo, hi) of ``n`` (all of them must be stored)."""
+        if n in outputs or n in region.inputs:
+            return [(STORED, lo, hi)] if hi > lo else []
+        cap = rows.capacity[n]
+        out = []
+        for a, b, r0 in rank[n]:
+            x0, x1 = max(a, lo), min(b, hi)
+            if x0 >= x1:
+                continue
+            k0, k1 = r0 + x0 - a, r0 + x1 - a
+            while k0 < k1:
+                p = k0 % cap
+                m = min(k1 - k0, cap - p)
+                if out and out[-1][2] == p and out[-1][0] == STORED:
+                    out[-1] = (STORED, out[-1][1], p + m)
+                else:
+                    out.append((STORED, p, p + m))
+                k0 += m
+        if sum(b - a for _, a, b in out) != hi - lo:
+            raise TilingError(  # pragma: no cover - keep covers every later read
+                f"rows [{lo}, {hi}) of {n} are read after their strip but were not stored; "
+                "please report this as a tilefx bug")
+        return out
+
     # Crops along the other axes, fixed for the shape.
     rest: dict[tuple[str, str], CropTable] = {}
     for rn in region.nodes:
@@ -398,6 +450,7 @@ def strip_schedule(spec: StreamSpec, input_sizes: dict[str, tuple[int, ...]]) ->
     for j, new in enumerate(rows.new):
         strip = Strip(index=j, stages=tuple(k for k, st in enumerate(spec.stages) if st[-1] in new),
                       rows=dict(new))
+        last_reader: dict[str, tuple[int, int, str]] = {}  # producer -> its last new-row reader
         for rn in region.nodes:
             if rn.name not in new:
                 continue
@@ -409,39 +462,54 @@ def strip_schedule(spec: StreamSpec, input_sizes: dict[str, tuple[int, ...]]) ->
                 targets.append(((lo, hi),) + rows.rest[(rn.name, src)])
                 if stage_of.get(src) == stage_of[rn.name]:
                     continue  # read position by position inside the stage: no buffer
-                strip.reads[(rn.name, src)] = _row_read(lo, hi, h0[src], cap[src], rn.rule.pad,
-                                                        rest[(rn.name, src)])
+                clo, chi = source_interval(lo, hi, h0[src], rn.rule.pad)
+                fresh = new.get(src) if src not in outputs and src not in region.inputs else None
+                split = chi if fresh is None else max(clo, min(chi, fresh[0]))
+                pieces = positions(src, clo, split)
+                if split < chi:
+                    pieces.append((NEW, split - fresh[0], chi - fresh[0]))
+                    last_reader[src] = max(last_reader.get(src, (-1, -1, "")),
+                                           (stage_of[rn.name], order[rn.name], rn.name))
+                strip.reads[(rn.name, src)] = _row_read(lo, hi, clo, chi, h0[src], rn.rule.pad,
+                                                        tuple(pieces), rest[(rn.name, src)],
+                                                        rn.rule.kind != "pointwise")
             data = rn.rule.entry.tile_data(rn.rule, rn.name, window, targets, sizes)
             if data is not None:
                 strip.extra[rn.name] = data
-            if rn.name in rows.capacity:
-                pieces, off = [], 0
-                for p0, p1 in _ring(a, b, cap[rn.name]):
-                    pieces.append((off, p0, p1 - p0))
-                    off += p1 - p0
-                strip.writes[rn.name] = RowWrite(tuple(pieces), rows.capacity[rn.name], nsp)
+        for src, (_, _, c) in last_reader.items():
+            r = strip.reads[(c, src)]
+            strip.reads[(c, src)] = RowRead(r.pieces, r.indices, r.pad_lo, r.pad_hi, r.rest,
+                                            True, r.contiguous)
+        for n in spec.stored:
+            if n not in new:
+                continue
+            a, b = new[n]
+            s = rows.stored[j].get(n)
+            if s is None:
+                pieces = ()
+            elif n in outputs:
+                pieces = ((0, a, b - a),)
+            else:
+                pieces = tuple((s[0] - a + off, p0, p1 - p0)
+                               for off, (_, p0, p1) in zip(_offsets(positions(n, *s)),
+                                                           positions(n, *s)))
+            strip.writes[n] = RowWrite(pieces, rows.capacity[n], nsp, hold=n in last_reader)
         strips.append(strip)
     return StreamSchedule(rows=rows, strips=strips)
 
 
-def _ancestors(names: set[str], by_name: dict[str, RegionNode]) -> set[str]:
-    """``names`` and the region nodes they are computed from."""
-    out, walk = set(), list(names)
-    while walk:
-        n = walk.pop()
-        if n in out or n not in by_name:
-            continue
-        out.add(n)
-        walk.extend(by_name[n].sources)
+def _offsets(pieces: list[tuple[int, int, int]]) -> list[int]:
+    out, at = [], 0
+    for _, a, b in pieces:
+        out.append(at)
+        at += b - a
     return out
 
 
-def _row_read(lo: int, hi: int, n: int, cap: int | None, pad, rest: CropTable) -> RowRead:
-    """The record of a read of global rows ``[lo, hi)`` of a producer of extent ``n`` stored in
-    a ring of ``cap`` rows (None: whole), off-map rows by the consumer's ``pad``."""
-    def pos(g: int) -> int:
-        return g if cap is None else g % cap
-
+def _row_read(lo: int, hi: int, clo: int, chi: int, n: int, pad, pieces: tuple,
+              rest: CropTable, contiguous: bool) -> RowRead:
+    """The record of a read of global rows ``[lo, hi)`` of a producer of extent ``n`` whose
+    touched rows ``[clo, chi)`` are ``pieces``; off-map rows by the consumer's ``pad``."""
     if (lo < 0 or hi > n) and pad is not None and pad.mode in ("reflect", "replicate"):
         idx = []
         for g in range(lo, hi):
@@ -449,9 +517,8 @@ def _row_read(lo: int, hi: int, n: int, cap: int | None, pad, rest: CropTable) -
                 g = -g if g < 0 else (2 * (n - 1) - g if g >= n else g)
             else:
                 g = min(max(g, 0), n - 1)
-            idx.append(pos(g))
-        return RowRead((), tuple(idx), 0, 0, rest)
-    clo, chi = max(lo, 0), min(hi, n)
-    if chi <= clo:  # the whole read is padding
-        return RowRead((), None, hi - lo, 0, rest)
-    return RowRead(_ring(clo, chi, cap), None, clo - lo, hi - chi, rest)
+            idx.append(g - clo)
+        return RowRead(pieces, tuple(idx), 0, 0, rest, False, contiguous)
+    if min(hi, n) <= max(lo, 0):  # the whole read is padding (one row is touched for its dtype)
+        return RowRead(pieces[:0], None, hi - lo, 0, rest, False, contiguous)
+    return RowRead(pieces, None, max(lo, 0) - lo, hi - min(hi, n), rest, False, contiguous)
