@@ -56,6 +56,9 @@ MODELS = {
 }
 
 
+MIN_ROWS_ARG: int | None = None
+
+
 def mib(b: float) -> str:
     return f"{b / 2**20:.1f}"
 
@@ -81,7 +84,8 @@ def bench(name: str, size: int, strips: list[int] | None, repeats: int, planned:
     info = {}
     for h in strips or default_strips:
         t0 = time.perf_counter()
-        s = stream_rewrite(gm, [sm.nodes[end].name], h)
+        kw = {} if MIN_ROWS_ARG is None else {"min_rows": MIN_ROWS_ARG}
+        s = stream_rewrite(gm, [sm.nodes[end].name], h, **kw)
         c = stream_cost(sm, seg, h)
         info[f"strips of {h}"] = dict(
             pred=max(rest, at[0] + c.peak_bytes), sim=simulate(s, x).peak_bytes,
@@ -142,7 +146,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="strip heights (rows of the region's tallest output)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-plan", action="store_true", help="skip transform(max_overhead=B-1)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--min-rows", type=int, default=None, help="stream_rewrite's min_rows")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    global MIN_ROWS_ARG
+    MIN_ROWS_ARG = args.min_rows
     rows = []
     for name in args.models:
         rows += bench(name, args.size, args.strips, args.repeats, not args.no_plan)

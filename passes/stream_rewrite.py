@@ -26,7 +26,7 @@ from ..kernels import LEAF_FUNCTIONS
 from ..rules import Barrier, SpatialRule
 from ..stream_kernels import STREAM_LEAF_FUNCTIONS, stream_read, stream_write
 from ..stream_region import StreamRegion
-from ..streaming import StreamSpec, check_streamable, stages_of, strip_schedule
+from ..streaming import MIN_ROWS, StreamSpec, check_streamable, stages_of
 from ..tiling import RegionNode, RegionSpec
 from .receptive_field import NodeFacts, Provenance, facts
 from .regions import find_region, resolve_merge
@@ -93,13 +93,14 @@ class _StageBuilder:
 
 
 def stream_rewrite(gm: GraphModule, merge: Any, strip: int, name: str | None = None,
-                   start: Iterable[str] = ()) -> GraphModule:
+                   start: Iterable[str] = (), min_rows: int = MIN_ROWS) -> GraphModule:
     """Return a copy of ``gm`` whose region before ``merge`` runs in strips of ``strip`` rows.
 
-    ``strip`` is the strip height in rows of the region's tallest output; strips advance along
-    the first spatial axis, at full extent along the others. ``start`` names tensors the region
-    begins after (as for ``tile_rewrite``). A node the strips cannot run (a channel split) is
-    refused with a :class:`~tilefx.TilingError` naming it.
+    ``strip`` is the strip height in rows of the region's tallest feature map; strips advance
+    along the first spatial axis, at full extent along the others, and a node of a smaller map
+    computes at least ``min_rows`` rows per call. ``start`` names tensors the region begins
+    after (as for ``tile_rewrite``). A node the strips cannot run (a channel split) is refused
+    with a :class:`~tilefx.TilingError` naming it.
 
     >>> import torch, torchvision, tilefx
     >>> m = torchvision.models.resnet18().eval(); x = torch.randn(1, 3, 128, 128)
@@ -135,6 +136,7 @@ def stream_rewrite(gm: GraphModule, merge: Any, strip: int, name: str | None = N
                           outputs=out_names, grid=(1,) * nsp),
         stages=stages_of(rnodes, out_names),
         strip=strip,
+        min_rows=min_rows,
     )
     by_name = {n.name: n for n in region}
     bodies = []
@@ -155,7 +157,7 @@ def stream_rewrite(gm: GraphModule, merge: Any, strip: int, name: str | None = N
     module = StreamRegion(bodies, spec, tuple(placeholders.index(p) for p in spatial_inputs),
                           {n: _position_bytes(by_name[n]) for n in spec.stored})
     # The schedule at the traced shape: a region the strips cannot run fails here, not later.
-    strip_schedule(spec, {p.name: facts(p).sizes for p in spatial_inputs})
+    module.schedule_for({p.name: facts(p).sizes for p in spatial_inputs})
 
     existing = {n.target for n in gm.graph.nodes if n.op == "call_module"}
     k = 0

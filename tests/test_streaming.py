@@ -473,6 +473,23 @@ def test_simulate_and_static_model_predict_measured_peak():
         assert abs(static - measured) <= 0.10 * measured, (strip, static, measured)
 
 
+def test_simulate_before_any_run_with_nearest_upsampling():
+    """simulate() fake-runs the bodies; nearest interpolation's indices are read from a real
+    index ramp (kernels._aten_nearest), which failed inside the fake mode when no real run had
+    filled its cache yet (tiles and strips alike)."""
+    from tilefx.kernels import _NEAREST_CACHE
+    from tilefx.passes.tile_rewrite import tile_rewrite
+
+    model = chain(nn.Conv2d(3, 4, 3, padding=1), nn.Upsample(scale_factor=2),
+                  nn.Conv2d(4, 4, 3, padding=1)).float()
+    x = torch.randn(1, 3, 37, 29)
+    gm = tilefx.prepare(model, x)
+    for rewritten in (tile_rewrite(gm, "output", 2), streamed(gm, strip=4)):
+        _NEAREST_CACHE.clear()
+        predicted = simulate(rewritten, x).peak_bytes
+        assert abs(predicted - peak_memory(rewritten, x)) <= 0.10 * predicted
+
+
 # --------------------------------------------------------------------------- planner, explain
 
 

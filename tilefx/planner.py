@@ -125,7 +125,7 @@ def stream_strips(model: StaticModel, seg: Segment,
         c = stream_cost(model, seg, h)
         if c is not None:
             options.append(RegionOption(c.peak_bytes, c.extra_time_s, c.extra_macs, RegionChoice(
-                (), (c.output_strips,) + (1,) * (model.nsp - 1), stream=h)))
+                (), (c.nominal_strips,) + (1,) * (model.nsp - 1), stream=h)))
     return pareto(options, lambda o: o.peak_bytes, lambda o: o.extra_time_s)
 
 #: The ways a region can run; each proposes options for every candidate region (a single-pass

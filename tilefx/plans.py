@@ -77,9 +77,9 @@ class RegionChoice:
     #: the region reaches through statistics over the whole map (group and instance norms,
     #: squeeze-and-excitation), found exactly by extra passes over its tiles
     multipass: bool = False
-    #: strip height in rows of the region's tallest output: the region streams in strips,
-    #: every row once, with row buffers (``passes.stream_rewrite``); ``tiles`` is then the
-    #: strip count at the planned shape. 0: tiles, as the grid says
+    #: strip height in rows of the region's tallest feature map: the region streams in
+    #: strips, every row once, with row buffers (``passes.stream_rewrite``); ``tiles`` is then
+    #: the strip count at the planned shape. 0: tiles, as the grid says
     stream: int = 0
 
     def __str__(self) -> str:

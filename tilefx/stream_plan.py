@@ -42,7 +42,7 @@ from .tiling import RegionNode, RegionSpec, source_interval
 __all__ = ["StreamCost", "stream_spec", "stream_cost", "strip_heights", "STRIP_COUNTS"]
 
 #: Strip counts tried per candidate region (at the example's shape): the strip heights are
-#: the region's tallest output divided by these.
+#: the region's tallest feature map's rows divided by these.
 STRIP_COUNTS = (4, 8, 16, 32, 64, 128)
 
 
@@ -53,7 +53,8 @@ class StreamCost:
     ``peak_bytes``: the most the call holds beyond its full-size outputs (row buffers and one
     stage call); ``buffer_bytes``: its row buffers and FIFOs; ``extra_time_s`` and
     ``extra_macs``: what streaming adds to the untiled region; ``strips``: the strips at the
-    example's shape (warm-up included) and ``output_strips`` those that produce output rows.
+    example's shape (warm-up included), ``nominal_strips`` the tallest map's rows over the
+    strip height.
     """
 
     peak_bytes: float
@@ -61,7 +62,7 @@ class StreamCost:
     extra_time_s: float
     extra_macs: float
     strips: int
-    output_strips: int
+    nominal_strips: int
 
 
 def stream_spec(seg: Segment, strip: int) -> StreamSpec:
@@ -95,8 +96,8 @@ def _copy_s_per_byte(model: StaticModel) -> float:
 
 
 def stream_cost(model: StaticModel, seg: Segment, strip: int) -> StreamCost | None:
-    """``seg`` streamed in strips of ``strip`` rows (of its tallest output) at the example's
-    shape, or None when it cannot be streamed."""
+    """``seg`` streamed in strips of ``strip`` rows (of its tallest feature map) at the
+    example's shape, or None when it cannot be streamed."""
     try:
         spec = stream_spec(seg, strip)
     except TilingError:
@@ -252,12 +253,13 @@ def stream_cost(model: StaticModel, seg: Segment, strip: int) -> StreamCost | No
     buffers = sum(v for n, v in storage.items() if n not in outputs)
     return StreamCost(peak_bytes=max(most - out_bytes, 0.0), buffer_bytes=buffers,
                       extra_time_s=extra_time, extra_macs=max(extra_macs, 0.0),
-                      strips=len(rows.new), output_strips=len(rows.new) - rows.warmup)
+                      strips=len(rows.new),
+                      nominal_strips=-(-max(sizes[n][0] for n in by_name) // strip))
 
 
 def strip_heights(seg: Segment) -> list[int]:
-    """The strip heights tried for ``seg``: its tallest output's rows over :data:`STRIP_COUNTS`
-    (at least one row, each height once)."""
-    tallest = max(facts(o).sizes[0] for o in seg.outputs)
+    """The strip heights tried for ``seg``: its tallest feature map's rows over
+    :data:`STRIP_COUNTS` (at least one row, each height once, fewer than the whole map)."""
+    tallest = max(facts(n).sizes[0] for n in seg.nodes)
     return sorted({max(1, -(-tallest // s)) for s in STRIP_COUNTS if s <= tallest} - {tallest},
                   reverse=True)

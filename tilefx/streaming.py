@@ -43,21 +43,31 @@ from .tiling import RegionNode, RegionSpec, crop_table, extents, propagate_axis,
 from .windows import IDENTITY
 
 __all__ = ["StreamSpec", "Strip", "RowSchedule", "StreamSchedule", "stages_of",
-           "check_streamable", "strip_rows", "strip_schedule"]
+           "check_streamable", "strip_rows", "strip_schedule", "MIN_ROWS"]
 
 Interval = tuple[int, int]
+
+#: The fewest rows a node of a small map computes per call (where it advances less than that
+#: per strip): fewer calls of its stage, for a few rows more in flight.
+MIN_ROWS = 4
 
 
 @dataclass(frozen=True)
 class StreamSpec:
     """The static facts of a streaming region: its nodes, inputs and outputs (``region``, a
     :class:`~tilefx.tiling.RegionSpec` whose grid is unused), its stages (node names in
-    topological order; the last one of each is stored), and the strip height ``strip`` in
-    rows of its tallest feature map."""
+    topological order; the last one of each is stored), the strip height ``strip`` in rows of
+    its tallest feature map, and ``min_rows``: the fewest rows a node of a smaller map computes
+    per call."""
 
     region: RegionSpec
     stages: tuple[tuple[str, ...], ...]
     strip: int
+    #: the fewest rows a node of a small map computes per call (see :data:`MIN_ROWS`)
+    min_rows: int = 4
+    #: ``(node, rows)``: nodes that compute at least that many rows per call (a stage whose
+    #: convolutions have large weights, which oneDNN reorders on every call)
+    quanta: tuple[tuple[str, int], ...] = ()
 
     @property
     def nsp(self) -> int:
@@ -282,13 +292,19 @@ def strip_rows(spec: StreamSpec, input_sizes: dict[str, tuple[int, ...]]) -> Row
     lead = {n: first[n][1] - start[n] for n in by_name}
     span = {n: full[n][1] - start[n] for n in by_name}
     # Rows per strip, as the exact fraction h * H_n / H_max: a target is an integer quotient.
+    # A smaller map advancing less than MIN_ROWS rows per strip computes MIN_ROWS rows every
+    # few strips instead (its rows are small; each call of its stage costs the same).
+    q = {n: spec.min_rows if h * h0[n] < spec.min_rows * tallest else 1 for n in by_name}
+    for n, rows_per_call in spec.quanta:
+        if n in q and rows_per_call * tallest > h * h0[n]:
+            q[n] = max(q[n], rows_per_call)
     warmup = max(-(-lead[n] * tallest // (h * h0[n])) for n in by_name)
     cumulative: list[dict[str, Interval]] = []
     j = 0
     while True:
         pieces = {}
         for n in by_name:
-            t = min(span[n], lead[n] + (j - warmup) * h * h0[n] // tallest)
+            t = min(span[n], lead[n] + (j - warmup) * h * h0[n] // tallest // q[n] * q[n])
             if t > 0:
                 pieces[n] = (start[n], start[n] + t)
         need = pull(pieces)
