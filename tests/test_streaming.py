@@ -150,7 +150,7 @@ def test_strided_and_dilated_buffers():
     model = chain(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, stride=2, padding=1),
                   nn.Conv2d(4, 4, 3, padding=2, dilation=2))
     x = torch.randn(1, 3, 64, 8, dtype=torch.float64)
-    s = streamed(tilefx.prepare(model, x), strip=2)
+    s = streamed(tilefx.prepare(model, x), strip=2, min_rows=1)  # every map: 1 or 2 rows a strip
     torch.testing.assert_close(s(x), model(x), **TIGHT)
     spec = region_of(s).spec
     rows = schedule(s, x.shape).rows
@@ -186,7 +186,7 @@ def test_two_level_unet_skip_fifo_by_hand():
     (the cat reads it in a later strip), so its ring holds 5 + 4 rows (of 48)."""
     model = TwoLevelUNet().eval().double()
     x = torch.randn(1, 3, 48, 12, dtype=torch.float64)
-    s = streamed(tilefx.prepare(model, x), strip=4)
+    s = streamed(tilefx.prepare(model, x), strip=4, min_rows=1)  # e1 advances 2 rows a strip
     torch.testing.assert_close(s(x), model(x), **TIGHT)
     spec = region_of(s).spec
     rows = schedule(s, x.shape).rows
@@ -196,6 +196,26 @@ def test_two_level_unet_skip_fifo_by_hand():
     assert rows.carried[e0] == 5
     assert rows.capacity[e0] == 9
     assert_every_row_once(s, x.shape)
+
+
+def test_small_maps_compute_min_rows_per_call():
+    """With strips of 2 rows of the full map, a map at a quarter of its height advances half a
+    row per strip: with min_rows=4 its stage runs every 8 strips, 4 rows at a time (16 calls
+    down to 5)."""
+    model = chain(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, stride=2, padding=1),
+                  nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.Conv2d(4, 4, 3, padding=1))
+    x = torch.randn(1, 3, 64, 8, dtype=torch.float64)
+    gm = tilefx.prepare(model, x)
+    calls = {}
+    for q in (1, 4):
+        s = streamed(gm, strip=2, min_rows=q)
+        torch.testing.assert_close(s(x), model(x), **TIGHT)
+        rows = schedule(s, x.shape).rows
+        last = region_of(s).spec.outputs[0]
+        sizes = [b - a for new in rows.new for n, (a, b) in new.items() if n == last]
+        calls[q] = len(sizes)
+        assert sum(sizes) == 16 and max(sizes) == max(q, 1)
+    assert calls[1] == 16 and calls[4] <= 5  # the first call computes the lead of one row
 
 
 @pytest.mark.parametrize("up", ["nearest", "transposed"])
@@ -264,7 +284,9 @@ def test_resnet18_trunk_float32():
     x2 = torch.randn(2, 3, 64, 96)  # another shape: a new schedule, same module
     assert_same_outputs(s, model, x2)
     rows = schedule(s, x.shape).rows
-    assert max(rows.carried.values()) <= 3  # no FIFO in a ResNet: residuals are two convs long
+    # No FIFO in a ResNet (residuals are two convolutions long): a 3x3's 2 rows, or a block
+    # input held for its two convolutions, plus a call of min_rows=4 rows on the small maps.
+    assert max(rows.carried.values()) <= 2 + 4
 
 
 def test_monai_basic_unet_batch_norm():

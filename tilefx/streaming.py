@@ -32,6 +32,7 @@ whatever the strip height; a skip keeps the rows between its two readers.
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -393,13 +394,20 @@ def strip_rows(spec: StreamSpec, input_sizes: dict[str, tuple[int, ...]]) -> Row
                     kept.append((s0, b))
         # Stored rows live from their strip until no read of the current strip or a later one
         # needs them: at most this many at once (a strip's old rows and its new stored ones).
+        starts = [a for a, _ in kept]
+        below = [0]  # stored rows before each run
+        for a, b in kept:
+            below.append(below[-1] + b - a)
+
+        def rank(x: int) -> int:  # stored rows below row x
+            i = bisect.bisect_right(starts, x) - 1
+            return below[i] + min(x, kept[i][1]) - kept[i][0] if i >= 0 else 0
+
         live = carry = 0
         for j in range(total):
-            lo = keep[n][j]
-            hi = done[n][j]
-            live = max(live, sum(max(0, min(b, hi) - max(a, lo)) for a, b in kept))
-            nxt = keep[n][j + 1] if j + 1 < total else hi
-            carry = max(carry, sum(max(0, min(b, hi) - max(a, nxt)) for a, b in kept))
+            hi = rank(done[n][j])
+            live = max(live, hi - rank(keep[n][j]))
+            carry = max(carry, hi - rank(keep[n][j + 1] if j + 1 < total else done[n][j]))
         capacity[n], carried[n] = max(1, live), carry
     return RowSchedule(sizes=sizes, new=tuple(news), reads=tuple(reads), rest=rest,
                        stored=tuple(stored), done={n: tuple(v) for n, v in done.items()},
