@@ -95,6 +95,25 @@ def _copy_s_per_byte(model: StaticModel) -> float:
     return statistics.median(rates) if rates else 0.0
 
 
+@dataclass(frozen=True)
+class _Op:
+    """What the static model needs of one region node, computed once per candidate region."""
+
+    name: str
+    stage: int
+    reads: tuple[tuple[str, bool], ...]  # (source, read from another stage's storage)
+    row_bytes: float                     # one row of its output, full width
+    allocates: bool                      # not a view or an in-place op of an input
+    kind: str                            # "conv", "maxpool", "transposed", "interp", "other"
+    pointwise: bool                      # reads a view where it can (a pointwise op)
+    linear: bool                         # a linear interpolation
+    conv: tuple | None                   # (input prefix shape, weight shape, output prefix, stride, itemsize, float32)
+    fixed_s: float
+    per_pixel_s: float
+    row_px: int                          # positions per row
+    macs_per_input_row: float            # a transposed convolution's MACs per input row
+
+
 def stream_cost(model: StaticModel, seg: Segment, strip: int) -> StreamCost | None:
     """``seg`` streamed in strips of ``strip`` rows (of its tallest feature map) at the
     example's shape, or None when it cannot be streamed."""
@@ -111,32 +130,78 @@ def stream_cost(model: StaticModel, seg: Segment, strip: int) -> StreamCost | No
         return None
     sizes = rows.sizes
     nsp = spec.nsp
-
-    def row_bytes(name: str, width: tuple[int, ...] | None = None) -> float:
-        other = width if width is not None else sizes[name][1:]
-        return model.bpp(everything[name]) * math.prod(other)
-
     info = model.info
+    bpp = {nm: model.bpp(v) for nm, v in everything.items()}
+    full_rb = {nm: bpp[nm] * math.prod(sizes[nm][1:]) for nm in everything}
     key = {nm: info.get(nm, {}).get("key") for nm in everything}
     stage_of = {n: k for k, st in enumerate(spec.stages) for n in st}
     outputs = set(spec.outputs)
     whole = outputs | set(spec.region.inputs)
-    storage = {n: (info.get(n, {}).get("nbytes", row_bytes(n) * sizes[n][0]) if n in outputs
-                   else rows.capacity[n] * row_bytes(n)) for n in spec.stored}
+    storage = {n: (info.get(n, {}).get("nbytes", full_rb[n] * sizes[n][0]) if n in outputs
+                   else rows.capacity[n] * full_rb[n]) for n in spec.stored}
     out_bytes = sum(storage[o] for o in outputs)
-    itemsize = {nm: (everything[nm].meta["tensor_meta"].dtype.itemsize
-                     if hasattr(everything[nm].meta.get("tensor_meta"), "dtype") else 4)
-                for nm in everything}
-    float32 = {nm: str(getattr(everything[nm].meta.get("tensor_meta"), "dtype", "")) == "torch.float32"
-               for nm in everything}
+    # Reads: bytes per row of each (consumer, producer) window, and whether it is full width.
+    read_rb: dict[tuple[str, str], float] = {}
+    read_full: dict[tuple[str, str], bool] = {}
+    read_width: dict[tuple[str, str], tuple[int, ...]] = {}
+    for (c, p), widths in rows.rest.items():
+        w = tuple(w1 - w0 for w0, w1 in widths)
+        read_width[(c, p)] = w
+        read_rb[(c, p)] = bpp[p] * math.prod(w)
+        read_full[(c, p)] = w == tuple(sizes[p][1:])
+    ops: dict[str, _Op] = {}
+    for n, node in by_name.items():
+        rule = facts(node).rule
+        tm = node.meta.get("tensor_meta")
+        dtype = getattr(tm, "dtype", None)
+        kind = info.get(n, {}).get("kind") or (rule.kind if rule.kind in ("transposed", "interp")
+                                              else "other")
+        conv = None
+        if kind == "conv" and isinstance(node.args[1], Node) and hasattr(tm, "shape"):
+            src = rule.inputs[0][0]
+            s_tm = everything[src].meta.get("tensor_meta")
+            w = node.args[1].meta.get("tensor_meta")
+            if hasattr(s_tm, "shape") and hasattr(w, "shape"):
+                conv = (tuple(s_tm.shape[:len(s_tm.shape) - nsp]), tuple(w.shape),
+                        tuple(tm.shape[:len(tm.shape) - nsp]),
+                        tuple(rule.attrs.get("stride", (1,) * nsp)), dtype.itemsize,
+                        str(dtype) == "torch.float32")
+        srcs = tuple(dict.fromkeys(s for s, _ in rule.inputs))
+        cost = model.cost(node)
+        # A strip's call runs the op on full-width rows: its fixed cost is the call itself (and
+        # a convolution's weight reorder), not the small-window inefficiency the fitted fixed
+        # part of a tile's cost also holds.
+        cal = model.cal
+        if kind == "conv":
+            floor = cal.call_s + info.get(n, {}).get("w_bytes", 0) * cal.reorder_s_per_byte
+        elif rule.entry.window and rule.kind != "pad":
+            floor = cal.call_s
+        else:
+            floor = cal.pointwise_call_s
+        fixed = min(cost.fixed_s, floor)
+        ops[n] = _Op(
+            name=n, stage=stage_of[n],
+            reads=tuple((src, stage_of.get(src) != stage_of[n]) for src in srcs),
+            row_bytes=full_rb[n],
+            allocates=key.get(n) is None or not any(key.get(x) is not None and key[n] == key[x]
+                                                    for x in srcs),
+            kind=kind, pointwise=rule.kind == "pointwise",
+            linear=any(getattr(m, "mode", "") == "linear" for _, maps in rule.inputs for m in maps),
+            conv=conv, fixed_s=fixed, per_pixel_s=cost.per_pixel_s,
+            row_px=math.prod(sizes[n][1:]),
+            macs_per_input_row=(info.get(n, {}).get("macs", 0) / max(sizes[srcs[0]][0], 1)
+                                if rule.kind == "transposed" else 0.0))
+    maps0 = {n: facts(by_name[n]).rule.inputs[0][1][0] for n in by_name
+             if ops[n].kind == "transposed"}
+    pads = {n: facts(by_name[n]).rule.pad for n in by_name}
     # Per stage: the position of each node's reader (its value lives until then).
     last_use: dict[str, int] = {}
     for st in spec.stages:
         pos = {n: i for i, n in enumerate(st)}
         for i, n in enumerate(st):
-            for src in facts(by_name[n]).rule.inputs:
-                if src[0] in pos:
-                    last_use[src[0]] = max(last_use.get(src[0], 0), i)
+            for src, _ in ops[n].reads:
+                if src in pos:
+                    last_use[src] = max(last_use.get(src, 0), i)
         last_use[st[-1]] = len(st)  # the write reads it last
 
     copy_rate = _copy_s_per_byte(model)
@@ -154,101 +219,88 @@ def stream_cost(model: StaticModel, seg: Segment, strip: int) -> StreamCost | No
         for (c, src), (lo, hi) in reads.items():
             if stage_of.get(src) == stage_of[c]:
                 continue
-            clo, chi = source_interval(lo, hi, sizes[src][0], facts(by_name[c]).rule.pad)
+            clo, chi = source_interval(lo, hi, sizes[src][0], pads[c])
             a_src = new[src][0] if src in new and src not in whole else chi
             cut = max(clo, min(chi, a_src))
             fresh[(c, src)] = (cut - clo, chi - cut)
             if chi > cut:
                 last[src] = max(last.get(src, (-1, -1, "")), (stage_of[c], order[c], c))
-        release = {(c, src) for src, (_, _, c) in last.items()}
+        released: dict[str, list[str]] = {}
+        for src, (_, _, c) in last.items():
+            released.setdefault(c, []).append(src)
         for k, st in enumerate(spec.stages):
-            if st[-1] not in new:
+            out = st[-1]
+            if out not in new:
                 continue
             extra_time += call_s  # the stage body's call
             out_at: dict[str, float] = {}
             peak = 0.0
             # New rows of earlier stages whose last reader is here: alive until that read.
-            dropped = {c: [pending.get(src, 0.0) for (c2, src) in release if c2 == c]
-                       for c in st}
-            later = sum(sum(v) for v in dropped.values())
+            later = sum(pending.get(src, 0.0) for n in st for src in released.get(n, ()))
             for i, n in enumerate(st):
-                node = by_name[n]
-                rule = facts(node).rule
+                op = ops[n]
                 a, b = new[n]
                 r = b - a
                 transient = 0.0
-                read_shapes = []
-                for src, _ in rule.inputs:
-                    lo, hi = reads[(n, src)]
-                    width = tuple(w1 - w0 for w0, w1 in rows.rest[(n, src)])
-                    shape = _shape(everything[src])
-                    read_shapes.append(shape[:len(shape) - nsp] + (hi - lo,) + width if shape else None)
-                    if stage_of.get(src) == k:
+                for src, other in op.reads:
+                    if not other:
                         continue
+                    lo, hi = reads[(n, src)]
                     old, newer = fresh[(n, src)]
-                    padded = hi - lo != old + newer or width != tuple(sizes[src][1:])
+                    padded = hi - lo != old + newer or not read_full[(n, src)]
                     # One piece with no padding is a view for a pointwise op (and for any op
                     # when it is a whole stored map); anything else is copied into one window.
                     view = not padded and (old == 0 or newer == 0) and (
-                        rule.kind == "pointwise"
-                        or (src in whole and lo == 0 and hi == sizes[src][0]))
-                    nb = (hi - lo) * row_bytes(src, width)
+                        op.pointwise or (src in whole and lo == 0 and hi == sizes[src][0]))
+                    nb = (hi - lo) * read_rb[(n, src)]
                     extra_time += call_s + (0.0 if view else nb * copy_rate)
                     if not view:
                         transient += nb
-                own = 0.0
-                if key.get(n) is None or not any(key.get(s) is not None and key[n] == key[s]
-                                                 for s, _ in rule.inputs):
-                    own = r * row_bytes(n)
+                own = r * op.row_bytes if op.allocates else 0.0
                 ws = 0.0
-                kind = info.get(n, {}).get("kind")
-                out_shape = _shape(node)
-                out_shape = out_shape[:len(out_shape) - nsp] + (r,) + tuple(sizes[n][1:]) if out_shape else None
-                if kind == "conv" and read_shapes and read_shapes[0] and out_shape:
-                    w = _shape(node.args[1]) if isinstance(node.args[1], Node) else None
-                    if w:
-                        ws = conv_scratch(read_shapes[0], w, out_shape, tuple(rule.attrs.get("stride", (1,) * nsp)),
-                                          itemsize[n], float32[n])
-                elif kind == "maxpool":
-                    ws = 2 * own
-                elif rule.kind == "transposed":
-                    (src, maps), = rule.inputs
+                if op.kind == "conv" and op.conv is not None:
+                    src = op.reads[0][0]
                     lo, hi = reads[(n, src)]
-                    p0, p1 = maps[0].produced(lo, hi)
-                    ws = 2 * (p1 - p0) * row_bytes(n)
-                    extra_time += (model.cost(node).per_pixel_s * ((p1 - p0) - r)
-                                   * math.prod(sizes[n][1:]))
-                    extra_macs += info.get(n, {}).get("macs", 0) / max(sizes[src][0], 1) * (hi - lo)
-                elif rule.kind == "interp":
-                    linear = any(getattr(m, "mode", "") == "linear" for m in rule.inputs[0][1])
-                    ws = (3 if linear else 1) * own
+                    pre, w, opre, stride, item, f32 = op.conv
+                    ws = conv_scratch(pre + (hi - lo,) + read_width[(n, src)], w,
+                                      opre + (r,) + tuple(sizes[n][1:]), stride, item, f32)
+                elif op.kind == "maxpool":
+                    ws = 2 * own
+                elif op.kind == "transposed":
+                    src = op.reads[0][0]
+                    lo, hi = reads[(n, src)]
+                    p0, p1 = maps0[n].produced(lo, hi)
+                    ws = 2 * (p1 - p0) * op.row_bytes
+                    extra_time += op.per_pixel_s * ((p1 - p0) - r) * op.row_px
+                    extra_macs += op.macs_per_input_row * (hi - lo)
+                elif op.kind == "interp":
+                    ws = (3 if op.linear else 1) * own
                 live = sum(v for m, v in out_at.items() if last_use.get(m, -1) >= i)
                 peak = max(peak, live + transient + later)  # its reads, copied
-                later -= sum(dropped[n])
+                later -= sum(pending.get(src, 0.0) for src in released.get(n, ()))
                 peak = max(peak, live + transient + own + ws + later)  # the op
                 out_at[n] = own
-            out = st[-1]
             made = 0.0
             if out in rows.stored[j] and out not in written:
                 written.add(out)
                 made = storage[out]
-            for (c, src) in release:
-                if c in st:
+            for n in st:
+                for src in released.get(n, ()):
                     pending.pop(src, None)
             most = max(most, held + sum(pending.values()) + peak + made)
             held += made
             if out in last:  # this strip's readers take its new rows from the value
-                pending[out] = (new[out][1] - new[out][0]) * row_bytes(out)
+                pending[out] = (new[out][1] - new[out][0]) * ops[out].row_bytes
             s0, s1 = rows.stored[j].get(out, (0, 0))
-            extra_time += call_s + (s1 - s0) * row_bytes(out) * copy_rate  # the write
+            extra_time += call_s + (s1 - s0) * ops[out].row_bytes * copy_rate  # the write
     # Every node pays its fixed cost once per strip it computes in (once untiled).
     active = {n: 0 for n in by_name}
     for new in rows.new:
         for n in new:
             active[n] += 1
-    extra_time += sum(model.cost(by_name[n]).fixed_s * (c - 1) for n, c in active.items())
+    extra_time += sum(ops[n].fixed_s * (c - 1) for n, c in active.items())
     for n in by_name:
-        if facts(by_name[n]).rule.kind == "transposed":
+        if ops[n].kind == "transposed":
             extra_macs -= info.get(n, {}).get("macs", 0)
     buffers = sum(v for n, v in storage.items() if n not in outputs)
     return StreamCost(peak_bytes=max(most - out_bytes, 0.0), buffer_bytes=buffers,
