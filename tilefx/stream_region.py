@@ -42,8 +42,8 @@ class StreamRegion(nn.Module):
     >>> region.extra_repr()
     "strip=8 rows, nodes=3, stages=2, outputs=['conv2d_1']"
     >>> sched = region.schedule_for({"input_1": (32, 32)})
-    >>> sched.capacity["relu"], sched.carried["relu"]   # 8 new rows and the 2 a 3x3 reads back
-    (10, 2)
+    >>> sched.carried["relu"], sched.capacity["relu"]   # the 2 rows a 3x3 reads back, twice
+    (2, 4)
     """
 
     def __init__(self, stages: list[torch.fx.GraphModule], spec: StreamSpec,

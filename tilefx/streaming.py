@@ -66,9 +66,6 @@ class StreamSpec:
     strip: int
     #: the fewest rows a node of a small map computes per call (see :data:`MIN_ROWS`)
     min_rows: int = 4
-    #: ``(node, rows)``: nodes that compute at least that many rows per call (a stage whose
-    #: convolutions have large weights, which oneDNN reorders on every call)
-    quanta: tuple[tuple[str, int], ...] = ()
 
     @property
     def nsp(self) -> int:
@@ -293,19 +290,22 @@ def strip_rows(spec: StreamSpec, input_sizes: dict[str, tuple[int, ...]]) -> Row
     lead = {n: first[n][1] - start[n] for n in by_name}
     span = {n: full[n][1] - start[n] for n in by_name}
     # Rows per strip, as the exact fraction h * H_n / H_max: a target is an integer quotient.
-    # A smaller map advancing less than MIN_ROWS rows per strip computes MIN_ROWS rows every
-    # few strips instead (its rows are small; each call of its stage costs the same).
-    q = {n: spec.min_rows if h * h0[n] < spec.min_rows * tallest else 1 for n in by_name}
-    for n, rows_per_call in spec.quanta:
-        if n in q and rows_per_call * tallest > h * h0[n]:
-            q[n] = max(q[n], rows_per_call)
+    # A smaller map advancing less than min_rows rows per strip is called every m strips
+    # instead (m a power of two, so a map half as tall is called half as often, in step with
+    # its producer): its rows are small, and each call of its stage costs the same.
+    period = {}
+    for n in by_name:
+        m = 1
+        while m * h * h0[n] < spec.min_rows * tallest and m < 1 << 20:
+            m *= 2
+        period[n] = m
     warmup = max(-(-lead[n] * tallest // (h * h0[n])) for n in by_name)
     cumulative: list[dict[str, Interval]] = []
     j = 0
     while True:
         pieces = {}
         for n in by_name:
-            t = min(span[n], lead[n] + (j - warmup) * h * h0[n] // tallest // q[n] * q[n])
+            t = min(span[n], lead[n] + (j - warmup) // period[n] * period[n] * h * h0[n] // tallest)
             if t > 0:
                 pieces[n] = (start[n], start[n] + t)
         need = pull(pieces)
