@@ -3,6 +3,8 @@
 * ``receptive_field``: the analysis pass (every node's rule or barrier, in ``node.meta``);
 * ``regions``: region analysis (which nodes a merge node's region holds);
 * ``tile_rewrite``: the rewrite (a region becomes one TiledRegion call);
+* ``stream_rewrite``: the streaming rewrite (a region becomes one StreamRegion call: strips,
+  every row once, row buffers);
 * ``channels_last``: folds channels-last per-position blocks into pointwise calls;
 * ``memory``: the static memory simulation.
 

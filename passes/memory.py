@@ -11,7 +11,8 @@ storage (``ReLU(inplace=True)``, ``view``/``reshape``/``flatten``, eval-mode dro
 storage is freed after the last node that reads any of its aliases (fx's generated code drops
 every value after its last use). A :class:`~tilefx.region.TiledRegion` call counts its
 full-size output buffers plus the peak inside one tile: its body is fake-run once per distinct
-tile shape of the schedule.
+tile shape of the schedule. A :class:`~tilefx.stream_region.StreamRegion` call counts its
+full-size outputs, its row buffers, and the largest stage call of any strip.
 
 Operators also allocate scratch memory that no fx node names. On CPU (the ``"cpu"`` workspace
 model) every convolution and linear call, as captured or as an emitted primitive
@@ -47,11 +48,12 @@ from ..primitives import call_facts, onednn_nchw_workspace, uses_onednn
 from ..region import TiledRegion
 from ..rules import cost_class, schema_args
 from ..statistics import Accumulator
+from ..stream_kernels import NEW_SUFFIX, stream_write
+from ..stream_region import StreamRegion
 from .channels_last import ChannelsLastBlock
 
 __all__ = ["MemoryProfile", "Step", "simulate", "record", "liveness", "cpu_workspace", "conv_workspace",
-           "uses_onednn", "im2col_workspace",
-           "tile_workspace_kind"]
+           "uses_onednn", "im2col_workspace", "conv_scratch", "tile_workspace_kind"]
 
 
 @dataclass(frozen=True)
@@ -170,6 +172,28 @@ def cpu_workspace(node: torch.fx.Node, module: nn.Module | None, args: tuple, kw
     return 0
 
 
+def conv_scratch(x_shape: tuple, w_shape: tuple, out_shape: tuple, stride: tuple, itemsize: int,
+                 float32_cpu: bool = True) -> int:
+    """Scratch bytes of one CPU 2-d convolution from its shapes, as a streaming strip runs it:
+    oneDNN's reorders (:func:`conv_workspace`), or the im2col columns of ATen's native kernel
+    where ATen's dispatch picks it (:func:`~tilefx.primitives.uses_onednn`).
+
+    >>> conv_scratch((1, 512, 3, 10), (512, 512, 3, 3), (1, 512, 1, 8), (1, 1), 4)  # native
+    147456
+    """
+    kernel = tuple(w_shape[2:])
+    groups = x_shape[1] // max(w_shape[1], 1)
+    if (float32_cpu and len(x_shape) == 4
+            and not uses_onednn(x_shape[0], math.prod(x_shape), kernel, stride, (1,) * len(kernel),
+                                groups, torch.get_num_threads())):
+        if all(k == 1 for k in kernel) and all(s == 1 for s in stride):
+            return 0
+        return x_shape[0] * w_shape[1] * math.prod(kernel) * math.prod(out_shape[2:]) * itemsize
+    pw = all(k == 1 for k in kernel) and any(s > 1 for s in stride)
+    return conv_workspace(math.prod(x_shape) * itemsize, x_shape[1], math.prod(w_shape) * itemsize,
+                          math.prod(out_shape) * itemsize, out_shape[1], pw)
+
+
 def _op_params(node: torch.fx.Node, args: tuple, kwargs: dict):
     """(input, weight, kernel, stride, padding, dilation, groups) of an ATen convolution or
     pooling node, given its evaluated arguments (read by schema name)."""
@@ -220,8 +244,9 @@ class _Recorder(torch.fx.Interpreter):
         module = self.module.get_submodule(n.target) if n.op == "call_module" else None
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         before = {self._key(t) for t in _tensors((args, kwargs))}
-        if isinstance(module, TiledRegion):
-            result, step = _region_step(module, args, self.workspace, self.external)
+        if isinstance(module, (TiledRegion, StreamRegion)):
+            region_step = _region_step if isinstance(module, TiledRegion) else _stream_step
+            result, step = region_step(module, args, self.workspace, self.external)
             step.name = n.name
             step.reads = list(before)
             self.steps.append(step)
@@ -233,7 +258,7 @@ class _Recorder(torch.fx.Interpreter):
         if n.op == "output":
             self.keep = [self._key(t) for t in _tensors(result)]
             return result
-        if n.op == "call_function" and n.target is write_tile:
+        if n.op == "call_function" and n.target in (write_tile, stream_write):
             return result  # copies into a buffer the region step accounts for
         step = Step(n.name, reads=[k for k in before if k not in self.external])
         seen = set(before)
@@ -339,6 +364,64 @@ def _region_step(region, args: tuple, workspace: str | None, external: set) -> t
     outs = region.results(buffers)
     step = Step("", allocs=[(StorageWeakRef(b.untyped_storage()), b.untyped_storage().nbytes())
                             for b in outs], transient=body_peak)
+    return outs, step
+
+
+def _stream_step(region: StreamRegion, args: tuple, workspace: str | None,
+                 external: set) -> tuple[Any, Step]:
+    """A StreamRegion call as one step: its full-size outputs, and as scratch the most it holds
+    at once: what its state holds when a stage starts (row buffers, outputs, new rows kept for
+    later readers of the strip) plus the stage's own peak and the storage its write allocates.
+    Stages run in strip order; each body is recorded once per distinct set of rows it computes
+    and reads, and otherwise just run (on fake tensors)."""
+    sched = region.schedule_for(region.input_sizes(args))
+    spec = region.spec
+    state: dict[str, Any] = {n: args[i] for n, i in zip(spec.region.inputs, region.spatial_args)}
+    inputs = set(state)
+    outside = set(external) | {StorageWeakRef(t.untyped_storage()) for t in _tensors(args)}
+
+    def storages() -> dict[Any, tuple[str, int]]:
+        out = {}
+        for k, t in state.items():
+            if k not in inputs:
+                out[StorageWeakRef(t.untyped_storage())] = (k, t.untyped_storage().nbytes())
+        return out
+
+    peaks: dict[tuple, int] = {}
+    most = 0
+    for strip in sched.strips:
+        for k in strip.stages:
+            names = spec.stages[k]
+            mine = {key: r for key, r in strip.reads.items() if key[0] in names}
+            sig = (k, tuple(strip.rows[n][1] - strip.rows[n][0] for n in names),
+                   tuple((key, r.pad_lo, r.pad_hi, r.release,
+                          r.pieces and tuple((w, b - a) for w, a, b in r.pieces))
+                         for key, r in mine.items()))
+            before = storages()
+            # New rows of earlier stages this stage's reads drop: alive until that read.
+            dropped = {p + NEW_SUFFIX: f"{c}_read_{p}" for (c, p), r in mine.items() if r.release}
+            gone = {key for key, (name, _) in before.items() if name in dropped}
+            if sig not in peaks:
+                ext = outside | set(before)
+                rec = _Recorder(region.stages[k], workspace, external=ext)
+                rec.run(*args, state, strip)
+                steps = list(rec.steps)
+                held = Step("held", allocs=[(key, before[key][1]) for key in gone])
+                for st in steps:
+                    st.reads = list(st.reads) + [key for key in gone
+                                                 if dropped[before[key][0]] == st.name]
+                peaks[sig] = int(liveness([held] + steps)[0])
+            else:
+                region.stages[k](*args, state, strip)
+            after = storages()
+            made = sum(b for key, (name, b) in after.items()
+                       if key not in before and not name.endswith(NEW_SUFFIX))
+            kept = sum(b for key, (_, b) in before.items() if key not in gone)
+            most = max(most, kept + peaks[sig] + made)
+    outs = tuple(state[o] for o in spec.outputs)
+    out_bytes = sum(b.untyped_storage().nbytes() for b in outs)
+    step = Step("", allocs=[(StorageWeakRef(b.untyped_storage()), b.untyped_storage().nbytes())
+                            for b in outs], transient=max(most - out_bytes, 0))
     return outs, step
 
 

@@ -13,7 +13,9 @@ from tilefx import TilingError, plan_model, planner
 from tilefx.measure import peak_memory
 from tilefx.passes.memory import simulate
 from tilefx.passes.tile_rewrite import tile_rewrite
+from tilefx.passes.stream_rewrite import stream_rewrite
 from tilefx.region import TiledRegion
+from tilefx.stream_region import StreamRegion
 
 # A fixed calibration and MAC-based times keep the tests independent of the machine's load.
 CAL = planner.Calibration(mac_rate=50e9, call_s=30e-6, pointwise_call_s=5e-6, reorder_s_per_byte=1e-10)
@@ -130,8 +132,9 @@ def test_public_plan_applies_with_transform():
     p = tilefx.plan(model, x, max_overhead=10.0)
     assert p.regions and p.peak_bytes < p.baseline_peak_bytes
     gm = tilefx.transform(model, x, plan=p)
-    assert [tuple(r.grid) for r in gm.modules() if isinstance(r, TiledRegion)] == \
-        [r.tiles for r in p.regions]
+    made = [("stream", r.strip) if isinstance(r, StreamRegion) else tuple(r.grid)
+            for r in gm.modules() if isinstance(r, (TiledRegion, StreamRegion))]
+    assert made == [("stream", r.stream) if r.stream else r.tiles for r in p.regions]
     with torch.no_grad():
         # float32, ~50 layers: tiles change each convolution's summation order (~1e-6 each).
         torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-5)

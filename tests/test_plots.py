@@ -19,7 +19,7 @@ import tilefx
 matplotlib = pytest.importorskip("matplotlib")
 matplotlib.use("Agg")
 
-from tilefx.plots import plot_memory, plot_pareto, plot_tiles  # noqa: E402
+from tilefx.plots import plot_memory, plot_pareto, plot_strips, plot_tiles  # noqa: E402
 
 
 def net() -> nn.Module:
@@ -133,3 +133,41 @@ def test_missing_matplotlib_is_a_clear_error(monkeypatch):
     gm = tilefx.transform(m, x, merge="6", tiles=2)
     with pytest.raises(ImportError, match=r"pip install 'tilefx\[plot\]'"):
         plot_tiles(gm, x)
+
+
+class SmallUNet(nn.Module):
+    """Two levels: a skip at full resolution read by the decoder after the lower level."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.e0 = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+        self.e1 = nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(),
+                                nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.up = nn.ConvTranspose2d(8, 4, 2, stride=2)
+        self.d0 = nn.Conv2d(8, 2, 3, padding=1)
+
+    def forward(self, x):
+        a = self.e0(x)
+        return self.d0(torch.cat([a, self.up(self.e1(a))], 1))
+
+
+def test_plot_strips_shows_schedule_and_fifos():
+    from tilefx.passes.stream_rewrite import stream_rewrite
+
+    m, x = SmallUNet().eval(), torch.randn(1, 3, 64, 32)
+    gm = stream_rewrite(tilefx.prepare(m, x), "output", strip=4)
+    region = gm.stream_region_0
+    rows = region.schedule_for({region.spec.region.inputs[0]: (64, 32)}).rows
+    fig = plot_strips(gm, x)
+    left, right = fig.axes
+    assert left.get_title().startswith("stream_region_0: strips of 4 rows")
+    lines = left.get_lines()[:len(region.spec.stored)]
+    # every stored node's line ends with all its rows computed
+    assert all(line.get_ydata()[-1] == pytest.approx(1.0) for line in lines)
+    inner = [n for n in region.spec.stored if n not in region.spec.outputs]
+    widths = sorted(p.get_width() for p in right.patches)
+    assert max(widths) == max(rows.capacity[n] for n in inner)  # the skip's FIFO, in rows
+    png(fig)
+    with pytest.raises(tilefx.TilingError, match="no streaming region"):
+        plot_strips(tilefx.prepare(m, x), x)

@@ -21,8 +21,10 @@ from .passes.channels_last import fold_channels_last
 from .passes.receptive_field import annotate, facts
 from .passes.recompute import recompute_skips
 from .passes.regions import find_region, resolve_merge
+from .passes.stream_rewrite import stream_rewrite
 from .passes.tile_rewrite import tile_rewrite
 from .region import TiledRegion
+from .stream_region import StreamRegion
 from .statistics import describe
 from .tiling import read_window, tile_grid
 
@@ -148,6 +150,9 @@ def apply(gm: GraphModule, plan: "planner.Plan", halo: bool = True) -> GraphModu
     """
     out = recompute_skips(gm, plan.recompute) if plan.recompute else gm
     for region in plan.regions:
+        if region.stream and halo:
+            out = stream_rewrite(out, region.merge, region.stream, start=region.start)
+            continue
         out = tile_rewrite(out, region.merge, region.tiles, halo=halo, start=region.start,
                            multipass=region.multipass and halo)
     if out is gm:  # nothing worth tiling: an untiled copy, still an ordinary GraphModule
@@ -276,9 +281,9 @@ class TilePass(PassBase):
                             memory_budget=memory_budget, max_overhead=max_overhead)
 
     def call(self, graph_module: torch.nn.Module) -> PassResult:
-        before = sum(isinstance(m, TiledRegion) for m in graph_module.modules())
+        before = sum(isinstance(m, (TiledRegion, StreamRegion)) for m in graph_module.modules())
         out = transform(graph_module, self.inputs, **self.options)
-        after = sum(isinstance(m, TiledRegion) for m in out.modules())
+        after = sum(isinstance(m, (TiledRegion, StreamRegion)) for m in out.modules())
         return PassResult(out, after > before)
 
     def requires(self, graph_module: torch.nn.Module) -> None:
@@ -296,8 +301,8 @@ class TilePass(PassBase):
 # --------------------------------------------------------------------------- explain
 
 
-def _regions_of(gm: GraphModule) -> list[tuple[str, TiledRegion]]:
-    return [(n, m) for n, m in gm.named_modules() if isinstance(m, TiledRegion)]
+def _regions_of(gm: GraphModule) -> list[tuple[str, TiledRegion | StreamRegion]]:
+    return [(n, m) for n, m in gm.named_modules() if isinstance(m, (TiledRegion, StreamRegion))]
 
 
 def explain(gm: GraphModule, file: TextIO | None = sys.stdout) -> str:
@@ -332,6 +337,9 @@ def explain(gm: GraphModule, file: TextIO | None = sys.stdout) -> str:
         if call is not None:
             for out in call.users:
                 readers.extend(_named(u) for u in out.users if _named(u) not in readers)
+        if isinstance(region, StreamRegion):
+            lines.extend(_stream_lines(gm, name, region, call, readers, shape))
+            continue
         grid = "x".join(map(str, spec.grid))
         mode = "exact (halo)" if region.halo else "APPROXIMATE (no halo)"
         lines.append(f"{name}: {len(spec.nodes)} nodes tiled on a grid {grid}, {mode}")
@@ -412,6 +420,46 @@ def _halo_lines(region: TiledRegion, call, shape) -> list[str]:
         f"{'x'.join(map(str, widest))} for a share of {'x'.join(map(str, share))} "
         f"(halo up to +{max(w - s for w, s in zip(widest, share))} px per axis)"
     ]
+
+
+def _stream_lines(gm: GraphModule, name: str, region: StreamRegion, call, readers: list[str],
+                  shape) -> list[str]:
+    """A streaming region: strip height, strips at the planned shape, row buffers and FIFOs."""
+    spec = region.spec
+    nodes = {n.name: n for n in gm.graph.nodes}
+    lines = [f"{name}: {len(spec.nodes)} nodes streamed in strips of {spec.strip} rows "
+             f"({len(spec.stages)} stages), exact: every row of every node computed once",
+             f"  merge node(s): {', '.join(readers[:6]) or '-'}" + (" ..." if len(readers) > 6 else ""),
+             "  starts after: " + ", ".join(_named(nodes[i]) if i in nodes else i
+                                           for i in spec.region.inputs),
+             f"  region outputs: {', '.join(spec.outputs)}"]
+    if shape is None or call is None:
+        return lines
+    nsp = spec.nsp
+    sizes = {}
+    for i, arg in zip(spec.region.inputs, (call.args[k] for k in region.spatial_args)):
+        tm = arg.meta.get("tensor_meta")
+        sizes[i] = tuple(tm.shape[-nsp:]) if tm is not None else tuple(shape[-nsp:])
+    rows = region.schedule_for(sizes).rows
+    first = spec.region.inputs[0]
+    lines.append(f"  at {'x'.join(map(str, sizes[first]))}: {len(rows.new)} strips "
+                 f"({rows.warmup} warm-up strips while the first output rows' lead fills)")
+    stored = [n for n in spec.stored if n not in spec.outputs]
+
+    def nbytes(n: str) -> float:
+        return (rows.capacity[n] * math.prod(rows.sizes[n][1:])
+                * region.position_bytes.get(n, 0.0))
+
+    total = sum(nbytes(n) for n in stored)
+    lines.append(f"  row buffers: {_mib(total)} in {len(stored)} (rows kept of the map's; "
+                 "carried = rows a later strip reads again):")
+    for n in sorted(stored, key=nbytes, reverse=True)[:8]:
+        fifo = " (FIFO)" if rows.carried[n] > 2 * spec.strip else ""
+        lines.append(f"    {n}: {rows.capacity[n]} rows of {rows.sizes[n][0]}, carries "
+                     f"{rows.carried[n]}{fifo}, {_mib(nbytes(n))}")
+    if len(stored) > 8:
+        lines.append(f"    ... and {len(stored) - 8} smaller")
+    return lines
 
 
 # --------------------------------------------------------------------------- compare

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from .errors import TilingError
 from .statistics import Accumulator, Statistic
@@ -221,16 +222,19 @@ def _aten_nearest(x: torch.Tensor, nsp: int, axis: int, mode: str, scale: float 
     if full is None:
         shape = [1] * nsp
         shape[axis] = n_in
-        ramp = torch.arange(n_in, dtype=dtype, device=x.device).view(1, 1, *shape)
-        if scale is not None:
-            sf = [1.0] * nsp
-            sf[axis] = scale
-            y = F.interpolate(ramp, scale_factor=sf, mode=mode)
-        else:
-            size = [1] * nsp
-            size[axis] = n_out
-            y = F.interpolate(ramp, size=size, mode=mode)
-        full = _NEAREST_CACHE[key] = tuple(int(v) for v in y.reshape(-1).tolist())
+        # Real tensors even inside a FakeTensorMode (the memory simulator fake-runs bodies):
+        # the indices are data, read back with tolist().
+        with unset_fake_temporarily():
+            ramp = torch.arange(n_in, dtype=dtype, device=x.device).view(1, 1, *shape)
+            if scale is not None:
+                sf = [1.0] * nsp
+                sf[axis] = scale
+                y = F.interpolate(ramp, scale_factor=sf, mode=mode)
+            else:
+                size = [1] * nsp
+                size[axis] = n_out
+                y = F.interpolate(ramp, size=size, mode=mode)
+            full = _NEAREST_CACHE[key] = tuple(int(v) for v in y.reshape(-1).tolist())
     idx = full[a:b]
     if any(not t0 <= i < t1 for i in idx):  # in_window is too narrow: never read a wrong row
         raise TilingError(

@@ -44,9 +44,10 @@ from .passes.recompute import (is_splittable, recompute_origin, recompute_skips,
 from .passes.regions import tensor_valued
 from .plan_model import MAX_SKIPS, Boundary, Segment, StaticModel, tile_cost
 from .plans import BUDGET_MARGIN, KNEE_SLOPE, Frontier, Plan, RegionChoice, pareto
+from .stream_plan import stream_cost, strip_heights
 
 __all__ = ["RegionChoice", "Plan", "Frontier", "RegionOption", "plan", "frontier", "fixed_plan",
-           "recompute_tiles", "multipass_tiles", "recompute_variants", "variant_costs", "STRATEGIES", "MAX_PASSES", "calibrate", "Calibration", "MAX_TILES",
+           "recompute_tiles", "multipass_tiles", "recompute_variants", "variant_costs", "stream_strips", "STRATEGIES", "MAX_PASSES", "calibrate", "Calibration", "MAX_TILES",
            "MAX_REGIONS", "MAX_SKIPS", "KNEE_SLOPE", "BUDGET_MARGIN"]
 
 #: Tile counts tried per axis.
@@ -126,10 +127,26 @@ def multipass_tiles(model: StaticModel, seg: Segment,
 #: Passes a multi-pass region may take (each recomputes the region up to its statistics).
 MAX_PASSES = 4
 
+
+def stream_strips(model: StaticModel, seg: Segment,
+                  tiles: tuple[int, ...] | None) -> list[RegionOption]:
+    """The region streamed in strips (every row once, row buffers; ``tilefx.stream_plan``) at
+    a few strip heights: the Pareto-optimal ones. None for a multi-pass region or a user-fixed
+    tile grid."""
+    if seg.phases is not None or tiles:
+        return []
+    options = []
+    for h in strip_heights(seg):
+        c = stream_cost(model, seg, h)
+        if c is not None:
+            options.append(RegionOption(c.peak_bytes, c.extra_time_s, c.extra_macs, RegionChoice(
+                (), (c.nominal_strips,) + (1,) * (model.nsp - 1), stream=h)))
+    return pareto(options, lambda o: o.peak_bytes, lambda o: o.extra_time_s)
+
 #: The ways a region can run; each proposes options for every candidate region (a single-pass
 #: segment, and the multi-pass one where the region has statistics over the whole map).
 STRATEGIES: tuple[Callable[[StaticModel, Segment, Any], list[RegionOption]], ...] = (
-    recompute_tiles, multipass_tiles,
+    recompute_tiles, multipass_tiles, stream_strips,
 )
 
 

@@ -89,10 +89,16 @@ class RegionChoice:
     #: the region reaches through statistics over the whole map (group and instance norms,
     #: squeeze-and-excitation), found exactly by extra passes over its tiles
     multipass: bool = False
+    #: strip height in rows of the region's tallest feature map: the region streams in
+    #: strips, every row once, with row buffers (``passes.stream_rewrite``); ``tiles`` is then
+    #: the strip count at the planned shape. 0: tiles, as the grid says
+    stream: int = 0
 
     def __str__(self) -> str:
         after = f"{','.join(self.start)} .. " if self.start else ""
         passes = " multi-pass" if self.multipass else ""
+        if self.stream:
+            return f"{after}{','.join(self.merge)} streamed in strips of {self.stream} rows"
         return f"{after}{','.join(self.merge)} @ {'x'.join(map(str, self.tiles))}{passes}"
 
 

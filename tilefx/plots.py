@@ -1,4 +1,5 @@
-"""Pictures of a tiling: the live-memory curve, the planner's frontier, the tile grid.
+"""Pictures of a tiling: the live-memory curve, the planner's frontier, the tile grid, a
+streaming region's strip schedule and row buffers.
 
 Each function returns a ``matplotlib.figure.Figure`` (or draws into the ``ax`` it is given).
 Figures are built without ``pyplot``, so nothing global changes and nothing pops up: in a
@@ -18,9 +19,10 @@ from .api import prepare, transform
 from .errors import TilingError
 from .passes.memory import simulate
 from .region import TiledRegion
+from .stream_region import StreamRegion
 from .tiling import read_window
 
-__all__ = ["plot_memory", "plot_pareto", "plot_tiles"]
+__all__ = ["plot_memory", "plot_pareto", "plot_tiles", "plot_strips"]
 
 _MIB = 2**20
 
@@ -465,3 +467,95 @@ def plot_tiles(gm: torch.nn.Module, x: torch.Tensor, *, region: str | int = 0, i
     ax.set_xlabel("x (pixels)")
     ax.set_ylabel("y (pixels)")
     return fig
+
+
+# --------------------------------------------------------------------------- strips
+
+
+def plot_strips(gm: torch.nn.Module, x: torch.Tensor, *, region: str | int = 0,
+                ax: Any = None, title: str | None = None):
+    """A streaming region's strip schedule and its row buffers.
+
+    Left: for every stored node (a stage's last node), the fraction of its rows computed after
+    each strip (a line), and the rows its row buffer holds (the band below the line, from the
+    first row a later strip still reads): encoders run ahead of decoders by their receptive-field
+    delay, and a U-Net skip's band is the FIFO the decoder reads. Right: each row buffer's
+    capacity in rows and the rows it carries from strip to strip. ``ax`` (optional) is the left
+    axes; the right one is added beside it.
+
+    >>> import torch, tilefx
+    >>> from tilefx.passes.stream_rewrite import stream_rewrite
+    >>> from tilefx.plots import plot_strips
+    >>> m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(),
+    ...                         torch.nn.Conv2d(4, 2, 3, padding=1)).eval()
+    >>> x = torch.randn(1, 3, 32, 32)
+    >>> fig = plot_strips(stream_rewrite(tilefx.prepare(m, x), "output", strip=4), x)
+    >>> fig.axes[0].get_title().startswith("stream_region_0: strips of 4 rows")
+    True
+    """
+    _mpl()
+    found = [(n, m) for n, m in gm.named_modules() if isinstance(m, StreamRegion)]
+    if not found:
+        raise TilingError("plot_strips: this module has no streaming region; pass the output of "
+                          "passes.stream_rewrite (or tilefx.transform with a streaming plan)")
+    names = [n for n, _ in found]
+    if isinstance(region, int):
+        if not -len(found) <= region < len(found):
+            raise TilingError(f"plot_strips: region {region} out of range; the module has {names}")
+        name, reg = found[region]
+    else:
+        if region not in names:
+            raise TilingError(f"plot_strips: no region {region!r}; the module has {names}")
+        name, reg = found[names.index(region)]
+    spec = reg.spec
+    sizes = {spec.region.inputs[0]: tuple(x.shape[-spec.nsp:])}
+    if len(spec.region.inputs) > 1:  # pragma: no cover - regions with several image inputs
+        sizes = _region_input_sizes(gm, reg, x)
+    rows = reg.schedule_for(sizes).rows
+    if ax is None:
+        fig = _figure_class()(figsize=(12, 5.5), layout="constrained")
+        ax, bars = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
+    else:
+        fig = ax.figure
+        bars = fig.add_subplot(1, 2, 2)
+    stored = list(spec.stored)
+    strips = range(len(rows.new))
+    cmap = _cmap(len(stored))
+    for k, n in enumerate(stored):
+        H = rows.sizes[n][0]
+        done = [d / H for d in rows.done[n]]
+        keep = [min(kp, d) / H for kp, d in zip(rows.keep[n], rows.done[n])]
+        color = cmap(k)
+        ax.plot(strips, done, color=color, lw=1.4, label=f"{n} ({H} rows)")
+        if n not in spec.outputs:
+            ax.fill_between(strips, keep, done, color=color, alpha=0.18, lw=0)
+    ax.axvline(rows.warmup - 0.5, color="gray", ls=":", lw=1)
+    ax.text(rows.warmup - 0.5, 1.02, " first output rows", color="gray", fontsize=8,
+            transform=ax.get_xaxis_transform())
+    ax.set_xlabel("strip")
+    ax.set_ylabel("fraction of the node's rows computed (band: rows its buffer holds)")
+    ax.set_ylim(0, 1.05)
+    if len(stored) <= 16:
+        ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(title or f"{name}: strips of {spec.strip} rows, {len(rows.new)} strips at "
+                 f"{'x'.join(map(str, sizes[spec.region.inputs[0]]))} ({rows.warmup} warm-up)",
+                 fontsize=10)
+    inner = [n for n in stored if n not in spec.outputs]
+    ys = range(len(inner))
+    bars.barh(ys, [rows.capacity[n] for n in inner], color="tab:blue", alpha=0.5,
+              label="ring capacity (rows)")
+    bars.barh(ys, [rows.carried[n] for n in inner], color="tab:red", alpha=0.7,
+              label="carried from strip to strip")
+    bars.set_yticks(list(ys), [f"{n} /{rows.sizes[n][0]}" for n in inner], fontsize=7)
+    bars.invert_yaxis()
+    bars.set_xlabel("rows (of the node's map, after the slash)")
+    bars.set_title("row buffers and FIFOs", fontsize=10)
+    bars.legend(fontsize=7, loc="lower right")
+    return fig
+
+
+def _cmap(n: int):
+    from matplotlib import colormaps
+
+    base = colormaps["viridis"]
+    return lambda k: base(k / max(n - 1, 1))
