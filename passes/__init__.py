@@ -5,6 +5,9 @@
 * ``tile_rewrite``: the rewrite (a region becomes one TiledRegion call);
 * ``stream_rewrite``: the streaming rewrite (a region becomes one StreamRegion call: strips,
   every row once, row buffers);
+* ``recompute``: a graph variant that computes long skips again for their late readers
+  instead of storing them;
+* ``primitives``: emits a chosen convolution or linear primitive as an explicit node;
 * ``channels_last``: folds channels-last per-position blocks into pointwise calls;
 * ``memory``: the static memory simulation.
 

@@ -101,7 +101,8 @@ def test_multi_region_plans_exact_and_predicted(name, predicted):
         tiled = _apply(gm, p)
         with torch.no_grad():
             torch.testing.assert_close(tiled(x), model(x), rtol=1e-4, atol=1e-4)
-        calls = [n for n in tiled.graph.nodes if n.op == "call_module" and "tiled_region" in n.target]
+        calls = [n for n in tiled.graph.nodes if n.op == "call_module"
+                 and ("tiled_region" in n.target or "stream_region" in n.target)]
         assert len(calls) == len(p.regions)
         if not predicted:
             # DenseNet: the planner and the simulator agree, but both over-predict the 1x1

@@ -476,21 +476,22 @@ def test_norm_over_space_is_not_streamed():
 def test_simulate_and_static_model_predict_measured_peak():
     from tilefx.capture import as_inputs
     from tilefx.cost import calibrate
-    from tilefx.plan_model import StaticModel, outer_peaks
+    from tilefx.plan_model import StaticModel
     from tilefx.stream_plan import stream_cost
 
     model = _bn_stats(ThreeLevelUNet()).eval()
     x = torch.randn(1, 3, 128, 64)
     gm = tilefx.prepare(model, x)
     sm = StaticModel(gm, as_inputs(x), calibrate(), "macs")
-    end = len(sm.nodes) - 1  # the output node: the whole network is one region
-    seg = sm.segment(0, end)
-    rest, at = outer_peaks(sm, [seg])
+    a, b = sm.boundaries[0], sm.boundaries[-1]  # the whole network is one region
+    assert b.position == len(sm.nodes) - 1
+    seg = sm.segment(a, b)
+    rest, at, _ = sm.span_peaks(seg, a, b)
     for strip in (4, 32):
         s = streamed(gm, strip=strip)
         measured = peak_memory(s, x)
         simulated = simulate(s, x).peak_bytes
-        static = max(rest, at[0] + stream_cost(sm, seg, strip).peak_bytes)
+        static = max(rest, at + stream_cost(sm, seg, strip).peak_bytes)
         assert abs(simulated - measured) <= 0.10 * measured, (strip, simulated, measured)
         assert abs(static - measured) <= 0.10 * measured, (strip, static, measured)
 

@@ -1,4 +1,5 @@
-"""The public entry points: transform(), explain(), compare()."""
+"""The public entry points: prepare(), plan(), apply(), transform(), explain(), compare(), and
+TilePass (the transform as an fx pass)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from .capture import (Inputs, NotCaptured, as_inputs, capture, keep_calling_conv
                       module_path, outputs_match)
 from .errors import TilingError
 from .passes.channels_last import fold_channels_last
+from .passes.primitives import apply_primitives
 from .passes.receptive_field import annotate, facts
 from .passes.recompute import recompute_skips
 from .passes.regions import find_region, resolve_merge
@@ -136,10 +138,11 @@ def transform(model: torch.nn.Module, example_inputs: Any = None,
 
 
 def apply(gm: GraphModule, plan: "planner.Plan", halo: bool = True) -> GraphModule:
-    """Apply ``plan``'s regions, in order, to ``gm`` (annotated, from :func:`prepare`).
-
-    Every region is one ``tile_rewrite`` (its merge node(s), tile grid, the tensors it starts
-    after, and whether it runs in passes); ``gm`` is not modified. ``halo=False`` is the
+    """Apply ``plan`` to ``gm`` (annotated, from :func:`prepare`): first the skips it computes
+    again (``passes.recompute``), then its regions in order, each one ``tile_rewrite`` (merge
+    node(s), tile grid, the tensors it starts after, whether it runs in passes) or
+    ``stream_rewrite`` (a streaming region), then the primitives it chose for untiled layers
+    (``passes.primitives``); ``gm`` is not modified. ``halo=False`` is the
     approximate mode. The result carries the plan (``explain``).
 
     >>> import torch, torchvision, tilefx
@@ -155,6 +158,8 @@ def apply(gm: GraphModule, plan: "planner.Plan", halo: bool = True) -> GraphModu
             continue
         out = tile_rewrite(out, region.merge, region.tiles, halo=halo, start=region.start,
                            multipass=region.multipass and halo)
+    if plan.primitives:  # after the regions: the chosen nodes stay in the outer graph
+        out = apply_primitives(out, dict(plan.primitives))
     if out is gm:  # nothing worth tiling: an untiled copy, still an ordinary GraphModule
         out = tile_rewrite_copy(gm)
     out.meta["tilefx_plan"] = plan
@@ -368,6 +373,13 @@ def explain(gm: GraphModule, file: TextIO | None = sys.stdout) -> str:
                      f"{_mib(plan.baseline_peak_bytes)} untiled "
                      f"({plan.baseline_peak_bytes / max(plan.peak_bytes, 1):.1f}x lower); "
                      f"extra compute {plan.extra_compute:+.1%}; predicted time {plan.overhead:+.1%}")
+    if plan is not None and plan.recompute:
+        lines.append("computed again for their late readers instead of stored: "
+                     + ", ".join(plan.recompute))
+    if plan is not None and plan.primitives:
+        shown = ", ".join(f"{n} {p}" for n, p in plan.primitives[:12])
+        more = f", ... ({len(plan.primitives)} in all)" if len(plan.primitives) > 12 else ""
+        lines.append(f"primitives other than ATen's default (untiled layers): {shown}{more}")
     text = "\n".join(lines)
     if file is not None:
         print(text, file=file)

@@ -465,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--shape", required=True, help="input shape N,C,H,W, e.g. 1,3,512,512")
         sp.add_argument("--budget", default=None, help="memory budget, e.g. 200MB or 1.5GiB")
         sp.add_argument("--max-overhead", type=float, default=None,
-                        help="extra compute allowed, as a fraction (0.2 = 20%%)")
+                        help="predicted time allowed over untiled, as a fraction (0.2 = 20%%)")
         sp.add_argument("--device", default="cpu", help="cpu (default) or cuda")
         sp.add_argument("--seed", type=int, default=0, help="seed of the random input and weights")
         sp.add_argument("--json", action="store_true", help="print JSON on stdout")

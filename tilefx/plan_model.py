@@ -114,6 +114,7 @@ class StaticModel:
         """``costs``: per-node costs known already (a graph variant priced from the graph it
         was made from); otherwise ``timing`` says how to get them."""
         self.gm = gm
+        self.timing = timing
         # Caches on the instance (a method-level lru_cache would keep every model, its graph
         # and its weights alive for the life of the process).
         self._regions: dict[int, list[Node]] = {}

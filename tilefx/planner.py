@@ -43,6 +43,7 @@ from .passes.recompute import (is_splittable, recompute_origin, recompute_skips,
                                why_not_again)
 from .passes.regions import tensor_valued
 from .plan_model import MAX_SKIPS, Boundary, Segment, StaticModel, tile_cost
+from .primitive_plan import alternatives, span_options
 from .plans import BUDGET_MARGIN, KNEE_SLOPE, Frontier, Plan, RegionChoice, pareto
 from .stream_plan import stream_cost, strip_heights
 
@@ -154,7 +155,8 @@ def plan(gm: GraphModule, example_inputs: Any, *, memory_budget: int | None = No
          max_overhead: float | None = None, max_regions: int = MAX_REGIONS,
          calibration: Calibration | None = None, timing: str = "measured",
          tiles: tuple[int, ...] | None = None) -> Plan:
-    """Choose merge node(s) and tile grids for an annotated GraphModule.
+    """Choose a plan for an annotated GraphModule: its regions (merge node(s), tiles or strips,
+    passes), the skips it computes again and the primitives of its untiled layers.
 
     ``gm`` must carry ``tensor_meta`` and receptive-field facts (``tilefx.prepare``); it is
     not modified. ``example_inputs``: one tensor, a tuple, or ``capture.Inputs``. The
@@ -186,6 +188,7 @@ class _Candidate(NamedTuple):
     extra_macs: float
     regions: tuple[RegionChoice, ...]
     recompute: tuple[str, ...] = ()
+    primitives: tuple[tuple[str, str], ...] = ()
 
 
 #: Partial plans kept per boundary by the search: beyond this many Pareto-optimal ones, the
@@ -244,13 +247,15 @@ def frontier(gm: GraphModule, example_inputs: Any, *, max_regions: int = MAX_REG
     return Frontier.of(
         Plan(regions=c.regions, peak_bytes=int(round(c.peak_bytes)),
              baseline_peak_bytes=int(base_peak), extra_compute=c.extra_macs / max(model.total_macs, 1),
-             time_s=c.time_s, baseline_time_s=base_time, recompute=c.recompute)
+             time_s=c.time_s, baseline_time_s=base_time, recompute=c.recompute,
+             primitives=c.primitives)
         for c in pareto(final, lambda c: c.peak_bytes, lambda c: c.time_s))
 
 
 def _search(model: StaticModel, tiles: tuple[int, ...] | None, max_regions: int) -> list[_Candidate]:
     """The Pareto-optimal plans of one graph: a path over its boundaries (module docstring)."""
     bounds = model.boundaries
+    alts = alternatives(model, model.timing)
     starts = {b.position for b in model.chain_starts()}
     too_deep: set[int] = set()  # starts whose multi-pass regions already took too many passes
 
@@ -283,8 +288,14 @@ def _search(model: StaticModel, tiles: tuple[int, ...] | None, max_regions: int)
     partial[0] = [_Candidate(0.0, model.base_time, 0.0, ())]
     for j in range(1, len(bounds)):
         b = bounds[j]
-        peak = model.untiled_peak(bounds[j - 1], b)
-        cands = [c._replace(peak_bytes=max(c.peak_bytes, peak)) for c in partial[j - 1]]
+        # The span since the previous boundary run untiled, with each Pareto-optimal choice of
+        # primitives for its convolutions and linears (tilefx.primitive_plan).
+        span = [i for i, p in enumerate(model.step_pos) if bounds[j - 1].position <= p < b.position]
+        untiled = span_options([model.baseline_curve[i] for i in span],
+                               {k: alts[i] for k, i in enumerate(span) if i in alts})
+        cands = [c._replace(peak_bytes=max(c.peak_bytes, o.peak_bytes), time_s=c.time_s + o.extra_time_s,
+                            primitives=c.primitives + o.primitives)
+                 for c in partial[j - 1] for o in untiled]
         for i in range(j):
             a = bounds[i]
             if a.position not in starts or not partial[i]:

@@ -1,8 +1,9 @@
 """Plans and their frontier: what the planner returns, and the rule that picks one plan.
 
-A :class:`Plan` is a sequence of :class:`RegionChoice` (each a merge node and a tile grid,
-applied in order with ``tile_rewrite``; an empty sequence is the untiled model) with the
-planner's predictions. A :class:`Frontier` holds the Pareto-optimal plans (peak memory against
+A :class:`Plan` is a sequence of :class:`RegionChoice` (each a merge node with a tile grid or
+a strip height, applied in order with ``tile_rewrite`` or ``stream_rewrite``; an empty sequence
+is the untiled model), the skips it computes again (``recompute``) and the primitives it
+chooses for untiled layers (``primitives``), with the planner's predictions. A :class:`Frontier` holds the Pareto-optimal plans (peak memory against
 predicted time) and chooses among them:
 
 * ``memory_budget``: the fastest plan whose peak fits with a :data:`BUDGET_MARGIN` to spare
@@ -122,6 +123,9 @@ class Plan:
     #: skips computed again from the graph's inputs for their late readers instead of stored
     #: (``passes.recompute``), applied before the regions
     recompute: tuple[str, ...] = ()
+    #: ``(node, primitive)``: convolutions and linears run untiled by a primitive other than
+    #: ATen's default (``tilefx.primitive_plan``), emitted by ``passes.primitives``
+    primitives: tuple[tuple[str, str], ...] = ()
 
     @property
     def predicted(self) -> bool:
@@ -150,6 +154,8 @@ class Plan:
         what = " then ".join(map(str, self.regions)) if self.regions else "untiled"
         if self.recompute:
             what = f"compute {', '.join(self.recompute)} again; {what}"
+        if self.primitives:
+            what += f"; {len(self.primitives)} layer(s) on another primitive"
         if not self.predicted:
             return f"{what} (fixed by the user; no predictions)"
         return (f"{what}: peak {self.peak_bytes / 2**20:.2f} MiB ({self.ratio:.1f}x lower than "

@@ -309,9 +309,17 @@ def stream_cost(model: StaticModel, seg: Segment, strip: int) -> StreamCost | No
                       nominal_strips=-(-max(sizes[n][0] for n in by_name) // strip))
 
 
+#: A region whose tallest feature map has fewer rows is not streamed: its strips would be a few
+#: rows of small maps, where tiles do as well, and pricing them is most of planning's time.
+MIN_STREAM_ROWS = 16
+
+
 def strip_heights(seg: Segment) -> list[int]:
     """The strip heights tried for ``seg``: its tallest feature map's rows over
-    :data:`STRIP_COUNTS` (at least one row, each height once, fewer than the whole map)."""
+    :data:`STRIP_COUNTS` (at least one row, each height once, fewer than the whole map); none
+    below :data:`MIN_STREAM_ROWS` rows."""
     tallest = max(facts(n).sizes[0] for n in seg.nodes)
+    if tallest < MIN_STREAM_ROWS:
+        return []
     return sorted({max(1, -(-tallest // s)) for s in STRIP_COUNTS if s <= tallest} - {tallest},
                   reverse=True)
