@@ -14,7 +14,9 @@ from torch.utils._pytree import tree_flatten
 
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from . import parts, planner
+from . import autotune, parts, planner
+from .cost import measurement_key
+from .plans import DEFAULT_MAX_OVERHEAD
 from .capture import (Inputs, NotCaptured, as_inputs, capture, keep_calling_convention,
                       module_path, outputs_match)
 from .errors import TilingError
@@ -30,7 +32,7 @@ from .stream_region import StreamRegion
 from .statistics import describe
 from .tiling import read_window, tile_grid
 
-__all__ = ["transform", "prepare", "plan", "apply", "explain", "compare", "Comparison", "reference_input",
+__all__ = ["transform", "prepare", "plan", "apply", "tuned_plan", "explain", "compare", "Comparison", "reference_input",
            "TilePass"]
 
 #: Spatial extent of the reference input used when transform() is given no example.
@@ -87,7 +89,7 @@ def transform(model: torch.nn.Module, example_inputs: Any = None,
               example_kwargs: dict | None = None, *, merge: Any = None,
               tiles: int | tuple[int, ...] | None = None, halo: bool = True,
               plan: "planner.Plan | None" = None, memory_budget: int | None = None,
-              max_overhead: float | None = None) -> GraphModule:
+              max_overhead: float | None = None, tune: bool = True) -> GraphModule:
     """Return a GraphModule computing ``model``'s outputs with lower peak activation memory.
 
     The memory-heavy part of the network (the region before the merge node) runs tile by
@@ -109,7 +111,11 @@ def transform(model: torch.nn.Module, example_inputs: Any = None,
             :func:`compare` for its error). Never used unless asked.
         plan: a :class:`tilefx.planner.Plan` from :func:`tilefx.plan`.
         memory_budget: bytes; the fastest plan whose predicted peak fits.
-        max_overhead: fraction of extra predicted time allowed; the lowest peak within it.
+        max_overhead: fraction of extra time allowed over untiled (default
+            ``plans.DEFAULT_MAX_OVERHEAD``, 0.15); the lowest peak within it.
+        tune: check the time bound by measuring the few plans near it beside the untiled
+            model (``tilefx.autotune``; default). ``False`` trusts the time model's
+            prediction (faster planning; the bound then holds only as well as the model).
 
     >>> import torch, torchvision, tilefx
     >>> model = torchvision.models.resnet18().eval()
@@ -126,9 +132,9 @@ def transform(model: torch.nn.Module, example_inputs: Any = None,
         if merge is not None or tiles is not None or plan is not None:
             raise  # a user-fixed merge, grid or plan names the whole model's graph
         return _transform_parts(model, inputs, e, halo=halo, memory_budget=memory_budget,
-                                max_overhead=max_overhead)
+                                max_overhead=max_overhead, tune=tune)
     if plan is None:
-        plan = _choose(gm, inputs, merge, tiles, memory_budget, max_overhead)
+        plan = _choose(gm, inputs, merge, tiles, memory_budget, max_overhead, tune)
     elif not isinstance(plan, planner.Plan):
         raise TilingError(f"plan= takes a tilefx.planner.Plan (from tilefx.plan), got "
                           f"{type(plan).__name__}")
@@ -214,7 +220,7 @@ def tile_rewrite_copy(gm: GraphModule) -> GraphModule:
 
 def plan(model: torch.nn.Module, example_inputs: Any = None, example_kwargs: dict | None = None,
          *, tiles: int | tuple[int, ...] | None = None, memory_budget: int | None = None,
-         max_overhead: float | None = None) -> "planner.Plan":
+         max_overhead: float | None = None, tune: bool = True) -> "planner.Plan":
     """Plan the tiling of ``model`` without rewriting it: merge node(s), tile grids, predictions.
 
     The returned :class:`tilefx.planner.Plan` carries the predicted peak (``peak_bytes``,
@@ -232,11 +238,11 @@ def plan(model: torch.nn.Module, example_inputs: Any = None, example_kwargs: dic
     >>> torch.testing.assert_close(gm(x), model(x))
     """
     inputs = _inputs(model, example_inputs, example_kwargs)
-    return _choose(prepare(model, inputs), inputs, None, tiles, memory_budget, max_overhead)
+    return _choose(prepare(model, inputs), inputs, None, tiles, memory_budget, max_overhead, tune)
 
 
-def _choose(gm: GraphModule, inputs: Inputs, merge, tiles, memory_budget, max_overhead
-            ) -> "planner.Plan":
+def _choose(gm: GraphModule, inputs: Inputs, merge, tiles, memory_budget, max_overhead,
+            tune: bool = True) -> "planner.Plan":
     nsp = inputs.spatial.dim() - 2
     if merge is not None:
         merge_nodes = resolve_merge(gm, merge)
@@ -246,8 +252,24 @@ def _choose(gm: GraphModule, inputs: Inputs, merge, tiles, memory_budget, max_ov
         multipass = any(ph.statistics for ph in find_region(gm, merge_nodes, multipass=True).phases)
         return planner.fixed_plan(gm, inputs, [planner.RegionChoice(names, grid, (), multipass)])
     grid = None if tiles is None else tile_grid(tiles, nsp)
-    return planner.plan(gm, inputs, memory_budget=memory_budget, max_overhead=max_overhead,
-                        tiles=grid)
+    if not tune or memory_budget is not None:
+        return planner.plan(gm, inputs, memory_budget=memory_budget, max_overhead=max_overhead,
+                            tiles=grid)
+    return tuned_plan(gm, inputs, planner.frontier(gm, inputs, tiles=grid), max_overhead)
+
+
+def tuned_plan(gm: GraphModule, example_inputs: Any, front: "planner.Frontier",
+               max_overhead: float | None = None) -> "planner.Plan":
+    """The lowest-peak plan of ``front`` whose *measured* latency is within ``1 +
+    max_overhead`` of the untiled graph's (default ``plans.DEFAULT_MAX_OVERHEAD``): a few
+    plans near the bound applied and timed beside ``gm`` (``tilefx.autotune``)."""
+    inputs = as_inputs(example_inputs)
+    bound = DEFAULT_MAX_OVERHEAD if max_overhead is None else max_overhead
+
+    def ratio_of(p: "planner.Plan") -> float:
+        return autotune.measure_ratio(gm, apply(gm, p), inputs.flat)
+
+    return autotune.choose_measured(front, ratio_of, bound, key=measurement_key(gm, inputs, "tune"))
 
 
 def _default_grid(gm: GraphModule, merge_nodes: list, nsp: int) -> tuple[int, ...]:
@@ -279,11 +301,11 @@ class TilePass(PassBase):
     def __init__(self, example_inputs: Any, example_kwargs: dict | None = None, *,
                  merge: Any = None, tiles: int | tuple[int, ...] | None = None,
                  halo: bool = True, plan: Any = None, memory_budget: int | None = None,
-                 max_overhead: float | None = None):
+                 max_overhead: float | None = None, tune: bool = True):
         super().__init__()
         self.inputs = as_inputs(example_inputs, example_kwargs)
         self.options = dict(merge=merge, tiles=tiles, halo=halo, plan=plan,
-                            memory_budget=memory_budget, max_overhead=max_overhead)
+                            memory_budget=memory_budget, max_overhead=max_overhead, tune=tune)
 
     def call(self, graph_module: torch.nn.Module) -> PassResult:
         before = sum(isinstance(m, (TiledRegion, StreamRegion)) for m in graph_module.modules())

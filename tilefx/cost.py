@@ -40,7 +40,7 @@ from .passes.receptive_field import facts
 from .rules import SpatialRule
 
 __all__ = ["Calibration", "NodeCost", "calibrate", "measure_node_costs", "mac_node_costs",
-           "clear_measurements",
+           "clear_measurements", "measurement_key",
            "FULL_MAX_PIXELS", "TILE_SCALES", "FINE_TILE_SCALES"]
 
 #: Largest whole map (spatial positions) :func:`measure_node_costs` times; larger inputs are
@@ -295,7 +295,7 @@ def measure_node_costs(gm: GraphModule, example_inputs: Any, cal: Calibration, *
     every call. ``example_inputs`` as for ``tilefx.capture.capture``.
     """
     inputs = as_inputs(example_inputs)
-    key = _measurement_key(gm, inputs, cal, weight_bytes, full_max_pixels, repeats)
+    key = measurement_key(gm, inputs, cal, weight_bytes, full_max_pixels, repeats)
     if key in _MEASURED:
         _MEASURED.move_to_end(key)
         return dict(_MEASURED[key])
@@ -318,7 +318,10 @@ def clear_measurements() -> None:
     _MEASURED.clear()
 
 
-def _measurement_key(gm: GraphModule, inputs: Inputs, *settings: Any) -> tuple:
+def measurement_key(gm: GraphModule, inputs: Inputs, *settings: Any) -> tuple:
+    """What a measurement on this machine depends on: the graph's code, its parameters' and
+    inputs' shapes and layouts, ``settings`` and the thread count (plain values: it holds no
+    graph, tensor or weight)."""
     def sig(t: Any) -> Any:
         return (tuple(t.shape), t.dtype, t.device.type, t.is_contiguous()) if isinstance(t, torch.Tensor) else repr(t)
 

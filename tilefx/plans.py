@@ -126,6 +126,8 @@ class Plan:
     #: ``(node, primitive)``: convolutions and linears run untiled by a primitive other than
     #: ATen's default (``tilefx.primitive_plan``), emitted by ``passes.primitives``
     primitives: tuple[tuple[str, str], ...] = ()
+    #: ``time_s`` was measured when the plan was chosen (``tilefx.autotune``), not predicted
+    tuned: bool = False
 
     @property
     def predicted(self) -> bool:
@@ -160,7 +162,7 @@ class Plan:
             return f"{what} (fixed by the user; no predictions)"
         return (f"{what}: peak {self.peak_bytes / 2**20:.2f} MiB ({self.ratio:.1f}x lower than "
                 f"{self.baseline_peak_bytes / 2**20:.2f} MiB), extra MACs {self.extra_compute:+.1%}, "
-                f"predicted time {self.overhead:+.1%}")
+                f"{'measured' if self.tuned else 'predicted'} time {self.overhead:+.1%}")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,83 @@
+"""Autotuning the time bound (tilefx.autotune): the default choice measures the few plans near
+the bound instead of trusting the time model there.
+
+The search is tested with synthetic "measurements" (deterministic); one test runs it for real
+on a small network and compares the output with eager (float32: tiles change only summation
+order, ~1e-6 relative; rtol=atol=1e-4 leaves room for that and catches a wrong window).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+
+import tilefx
+from tilefx import autotune
+from tilefx.plans import Frontier, Plan
+
+
+def _front(ratios: list[float]) -> Frontier:
+    """Plans of falling peak and rising predicted time (the first is the untiled model)."""
+    plans = [Plan((), 100, 100, 0.0, 1.0, 1.0)]
+    for i, _ in enumerate(ratios):
+        plans.append(Plan((f"r{i}",), 90 - 8 * i, 100, 0.0, 1.0 + 0.01 * (i + 1), 1.0))
+    return Frontier.of(plans)
+
+
+@pytest.mark.parametrize("passing", [0, 1, 5, 9, 10])
+def test_bisection_finds_the_lowest_peak_within_the_bound(passing):
+    """Measured ratios rise along the frontier; the first ``passing`` plans are within +15%."""
+    ratios = [1.1 if i < passing else 1.3 for i in range(10)]
+    front = _front(ratios)
+    calls = []
+
+    def ratio_of(p):
+        calls.append(p.regions)
+        return ratios[int(p.regions[0][1:])]
+
+    p = autotune.choose_measured(front, ratio_of, 0.15)
+    want = () if passing == 0 else (f"r{passing - 1}",)
+    assert p.regions == want
+    assert len(calls) <= autotune.MAX_TUNED
+    assert p.tuned == bool(want)
+    if want:
+        assert p.overhead == pytest.approx(0.1)  # the measured ratio, not the prediction
+
+
+def test_the_choice_is_cached_per_key():
+    ratios = [1.1, 1.1, 1.3]
+    front = _front(ratios)
+    calls = []
+
+    def ratio_of(p):
+        calls.append(p)
+        return ratios[int(p.regions[0][1:])]
+
+    autotune.clear_tuned()
+    first = autotune.choose_measured(front, ratio_of, 0.15, key="model@224")
+    n = len(calls)
+    again = autotune.choose_measured(front, ratio_of, 0.15, key="model@224")
+    assert (again.regions, again.time_s) == (first.regions, first.time_s)
+    assert len(calls) == n, "the second choice measured again"
+    autotune.choose_measured(front, ratio_of, 0.5, key="model@224")  # another bound
+    assert len(calls) > n
+
+
+def test_plans_far_beyond_the_bound_are_never_measured():
+    front = Frontier.of([Plan((), 100, 100, 0.0, 1.0, 1.0), Plan(("slow",), 10, 100, 0.0, 3.0, 1.0)])
+    p = autotune.choose_measured(front, lambda p: pytest.fail("measured a plan predicted 3x"), 0.15)
+    assert p.regions == () and not p.tuned
+
+
+def test_transform_tunes_by_default_and_not_when_asked():
+    torch.manual_seed(0)
+    model, x = torchvision.models.resnet18().eval(), torch.randn(1, 3, 256, 256)
+    autotune.clear_tuned()
+    gm = tilefx.transform(model, x)
+    plan = gm.meta["tilefx_plan"]
+    assert plan.tuned or not plan.regions
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-4)
+    assert not tilefx.plan(model, x, tune=False).tuned
+    assert not tilefx.plan(model, x, memory_budget=10 * 2**30).tuned  # a budget is never tuned

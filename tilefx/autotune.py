@@ -1,0 +1,109 @@
+"""Autotuning the time bound: measure the few frontier plans near it, beside the untiled graph.
+
+The time model (``tilefx.cost``) prices every node from timings at the window sizes tiles run
+at, but a tile body's small calls cost more together than apart (dispatch, the halo crops'
+copies, caches shared with the rest of the loop): on 2 CPU cores it under-predicts
+MobileNetV2 @224 on a 3x3 grid by half. A plan chosen for "at most +15%" must hold when it
+runs, so the default choice measures instead of trusting the prediction near the bound:
+
+* the candidates are the frontier's plans predicted within ``SLACK`` times the bound (the
+  model can err either way), highest peak first, so that measured time falls along the list;
+* a bisection over them finds the lowest-peak plan whose measured latency ratio is within the
+  bound, measuring at most :data:`MAX_TUNED` plans, each applied and timed interleaved with the
+  untiled graph (``tilefx.measure.latency``: medians of alternating runs, so load hits both);
+* the chosen plan carries its measured time (``time_s`` = measured ratio x the predicted
+  untiled time, ``tuned=True``), and the choice is kept per process with the node timings'
+  key, so planning the same model at the same shape again chooses the same plan.
+
+Running the candidates needs the untiled graph to run once per candidate: where it does not
+fit, plan with ``memory_budget`` (never tuned) or ``tune=False``.
+
+>>> from tilefx.plans import Frontier, Plan
+>>> front = Frontier.of([Plan((), 100, 100, 0.0, 1.0, 1.0), Plan(("a",), 50, 100, 0.0, 1.05, 1.0),
+...                      Plan(("b",), 20, 100, 0.0, 1.1, 1.0)])
+>>> ratio = {(): 1.0, ("a",): 1.1, ("b",): 1.4}   # what "measuring" finds
+>>> p = choose_measured(front, lambda p: ratio[p.regions], 0.15)
+>>> p.regions, p.tuned, round(p.overhead, 2)
+(('a',), True, 0.1)
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import replace
+from typing import Any, Callable
+
+from .measure import latency
+from .plans import PEAK_TIE, Frontier, Plan
+
+__all__ = ["choose_measured", "measure_ratio", "clear_tuned", "MAX_TUNED", "SLACK", "REPEATS"]
+
+#: Plans measured at most per choice (a bisection over up to 2**6 candidates).
+MAX_TUNED = 6
+#: Candidates: plans predicted within this factor of the bound's time.
+SLACK = 1.25
+#: Timed runs of each candidate and of the untiled graph, after one warm-up round.
+REPEATS = 3
+
+_TUNED: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+_TUNED_KEPT = 32
+
+
+def clear_tuned() -> None:
+    """Forget the per-process cache of tuned choices (the next plan measures afresh)."""
+    _TUNED.clear()
+
+
+def measure_ratio(baseline: Callable, candidate: Callable, args: tuple,
+                  repeats: int = REPEATS) -> float:
+    """The candidate's median latency over the baseline's, timed interleaved in one process."""
+    stats = latency({"base": baseline, "plan": candidate}, *args, repeats=repeats, warmup=1)
+    return stats["plan"].median_s / stats["base"].median_s
+
+
+def _identity(p: Plan) -> tuple:
+    return (p.regions, p.recompute, p.primitives)
+
+
+def choose_measured(front: Frontier, ratio_of: Callable[[Plan], float], max_overhead: float,
+                    key: Any = None) -> Plan:
+    """The lowest-peak plan of ``front`` whose measured latency ratio is within
+    ``1 + max_overhead`` (the module docstring gives the search). ``ratio_of(plan)`` measures
+    one plan's latency over the untiled graph's; ``key`` (hashable) caches the choice."""
+    cache_key = None if key is None else (key, round(max_overhead, 6))
+    if cache_key is not None and cache_key in _TUNED:
+        ident, ratio = _TUNED[cache_key]
+        for p in front:
+            if _identity(p) == ident:
+                return _tuned(front, p, ratio)
+    limit = 1 + max_overhead
+    plans = list(front)  # highest peak (the untiled model) first
+    cands = [p for p in plans[1:] if p.time_s <= p.baseline_time_s * limit * SLACK]
+    measured: dict[int, float] = {}
+    lo, hi = -1, len(cands)  # cands[lo] passes (-1: the untiled model), cands[hi] fails
+    while hi - lo > 1 and len(measured) < MAX_TUNED:
+        mid = (lo + hi) // 2
+        measured[mid] = ratio_of(cands[mid])
+        if measured[mid] <= limit:
+            lo = mid
+        else:
+            hi = mid
+    if lo < 0:
+        chosen, ratio = plans[0], 1.0
+    else:
+        # Among the measured plans that pass, peaks within PEAK_TIE count as equal: the faster.
+        passing = [(cands[i], r) for i, r in measured.items() if r <= limit]
+        lowest = cands[lo].peak_bytes
+        chosen, ratio = min(((p, r) for p, r in passing if p.peak_bytes <= lowest * (1 + PEAK_TIE)),
+                            key=lambda pr: (pr[1], pr[0].peak_bytes))
+    if cache_key is not None:
+        _TUNED[cache_key] = (_identity(chosen), ratio)
+        while len(_TUNED) > _TUNED_KEPT:
+            _TUNED.popitem(last=False)
+    return _tuned(front, chosen, ratio)
+
+
+def _tuned(front: Frontier, p: Plan, ratio: float) -> Plan:
+    if not p.regions and not p.primitives and not p.recompute:
+        return replace(p, frontier=front)  # the untiled model: its time is the baseline's
+    return replace(p, time_s=ratio * p.baseline_time_s, tuned=True, frontier=front)
