@@ -361,6 +361,21 @@ def _display_image(x: torch.Tensor, image: Any):
     return t.mean(0).numpy(), "gray"
 
 
+def _pick(caller: str, found: list, region: str | int, none: str):
+    """The ``(name, module)`` of ``found`` that ``region`` (an index or a name) selects, or a
+    TilingError from ``caller`` naming what the module has."""
+    if not found:
+        raise TilingError(f"{caller}: {none}")
+    names = [n for n, _ in found]
+    if isinstance(region, int):
+        if not -len(found) <= region < len(found):
+            raise TilingError(f"{caller}: region {region} out of range; the module has {names}")
+        return found[region]
+    if region not in names:
+        raise TilingError(f"{caller}: no region {region!r}; the module has {names}")
+    return found[names.index(region)]
+
+
 def plot_tiles(gm: torch.nn.Module, x: torch.Tensor, *, region: str | int = 0, image: Any = None,
                highlight: tuple[int, ...] | None = None, ax: Any = None, title: str | None = None):
     """Draw a tiled region's tile grid, with the halo each tile reads, over the input image.
@@ -393,19 +408,8 @@ def plot_tiles(gm: torch.nn.Module, x: torch.Tensor, *, region: str | int = 0, i
     True
     """
     _, Rectangle = _mpl()
-    found = _regions(gm)
-    if not found:
-        raise TilingError("plot_tiles: this module has no tiled region; pass the output of "
-                          "tilefx.transform")
-    names = [n for n, _ in found]
-    if isinstance(region, int):
-        if not -len(found) <= region < len(found):
-            raise TilingError(f"plot_tiles: region {region} out of range; the module has {names}")
-        name, reg = found[region]
-    else:
-        if region not in names:
-            raise TilingError(f"plot_tiles: no region {region!r}; the module has {names}")
-        name, reg = found[names.index(region)]
+    name, reg = _pick("plot_tiles", _regions(gm), region,
+                      "this module has no tiled region; pass the output of tilefx.transform")
     spec = reg.spec
     if spec.nsp != 2 or x.dim() != 4:
         raise TilingError(f"plot_tiles draws 2-d images; {name} tiles {spec.nsp} spatial axes")
@@ -494,19 +498,10 @@ def plot_strips(gm: torch.nn.Module, x: torch.Tensor, *, region: str | int = 0,
     True
     """
     _mpl()
-    found = [(n, m) for n, m in gm.named_modules() if isinstance(m, StreamRegion)]
-    if not found:
-        raise TilingError("plot_strips: this module has no streaming region; pass the output of "
-                          "passes.stream_rewrite (or tilefx.transform with a streaming plan)")
-    names = [n for n, _ in found]
-    if isinstance(region, int):
-        if not -len(found) <= region < len(found):
-            raise TilingError(f"plot_strips: region {region} out of range; the module has {names}")
-        name, reg = found[region]
-    else:
-        if region not in names:
-            raise TilingError(f"plot_strips: no region {region!r}; the module has {names}")
-        name, reg = found[names.index(region)]
+    name, reg = _pick("plot_strips",
+                      [(n, m) for n, m in gm.named_modules() if isinstance(m, StreamRegion)], region,
+                      "this module has no streaming region; pass the output of "
+                      "passes.stream_rewrite (or tilefx.transform with a streaming plan)")
     spec = reg.spec
     sizes = {spec.region.inputs[0]: tuple(x.shape[-spec.nsp:])}
     if len(spec.region.inputs) > 1:  # pragma: no cover - regions with several image inputs
