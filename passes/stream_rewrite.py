@@ -30,6 +30,7 @@ from ..streaming import MIN_ROWS, StreamSpec, check_streamable, stages_of
 from ..tiling import RegionNode, RegionSpec
 from .receptive_field import NodeFacts, Provenance, facts
 from .regions import find_region, resolve_merge
+from .tile_rewrite import _BodyBuilder
 
 __all__ = ["stream_rewrite"]
 
@@ -41,7 +42,7 @@ def _made(origin: str, role: str, sizes=None) -> NodeFacts:
                      Provenance(origin, role))
 
 
-class _StageBuilder:
+class _StageBuilder(_BodyBuilder):
     """Builds one stage body; the rule table's ``emit`` methods call it as they call a tile
     body's builder: ``crop(n, src, pad)`` is what ``n`` reads of ``src`` this strip (the value
     itself inside the stage, a row-buffer read otherwise), ``copy(n, crops)`` is ``n`` on its
@@ -53,21 +54,9 @@ class _StageBuilder:
         self.nsp = nsp
         self.env: dict[str, Node] = {}
 
-    def call(self, target, args, kwargs=None, name=None, origin="", role="op", op="call_function"):
-        n = self.g.create_node(op, target, tuple(args), dict(kwargs or {}), name=name)
-        n.meta["tilefx"] = _made(origin, role)
-        if op == "call_function" and target in _LEAVES:
-            n.meta["is_wrapped"] = True  # a leaf when torch.load re-traces the body's code
-        return n
-
-    def value(self, u: Node) -> Node:
-        if u.name not in self.env:
-            if u.op == "get_attr":
-                self.env[u.name] = self.call(u.target, (), origin=u.name, op="get_attr")
-            else:
-                raise TilingError(
-                    f"streaming region reads {u.format_node()} which is not available in a strip")
-        return self.env[u.name]
+    leaves = _LEAVES
+    unavailable = "streaming region reads {} which is not available in a strip"
+    made = staticmethod(_made)
 
     def crop(self, n: Node, src: str, pad=None) -> Node:
         if src in self.stage:
@@ -77,15 +66,6 @@ class _StageBuilder:
             args.append(pad.value)
         return self.call(stream_read, args, name=f"{n.name}_read_{src}", origin=n.name,
                          role="row_read")
-
-    def copy(self, n: Node, crops: dict[str, Node]) -> Node:
-        def sub(u: Node) -> Node:
-            return crops.get(u.name) or self.value(u)
-
-        args = torch.fx.map_arg(n.args, sub)
-        kwargs = torch.fx.map_arg(n.kwargs, sub)
-        op = "call_module" if n.op == "call_module" else "call_function"
-        return self.call(n.target, args, kwargs, name=n.name, origin=n.name, op=op)
 
     def emit(self, n: Node) -> None:
         rule: SpatialRule = facts(n).rule

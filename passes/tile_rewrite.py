@@ -35,6 +35,13 @@ def _made(origin: str, role: str, sizes=None) -> NodeFacts:
 
 
 class _BodyBuilder:
+    #: kernels kept as leaves when ``torch.load`` re-traces the body's code
+    leaves = LEAF_FUNCTIONS
+    #: the error for an operand the body cannot read
+    unavailable = "region reads {} which is not available in the tile"
+    #: the facts of a node the builder creates
+    made = staticmethod(_made)
+
     """Builds the tile body graph; the rule table's ``emit`` methods call it.
 
     ``crop(n, src, pad)`` is a halo-crop node of ``src``'s window for consumer ``n``;
@@ -52,8 +59,8 @@ class _BodyBuilder:
 
     def call(self, target, args, kwargs=None, name=None, origin="", role="op", op="call_function"):
         n = self.g.create_node(op, target, tuple(args), dict(kwargs or {}), name=name)
-        n.meta["tilefx"] = _made(origin, role)
-        if op == "call_function" and target in LEAF_FUNCTIONS:
+        n.meta["tilefx"] = self.made(origin, role)
+        if op == "call_function" and target in self.leaves:
             n.meta["is_wrapped"] = True  # a leaf when torch.load re-traces the body's code
         return n
 
@@ -62,7 +69,7 @@ class _BodyBuilder:
             if u.op == "get_attr":
                 self.env[u.name] = self.call(u.target, (), origin=u.name, op="get_attr")
             else:
-                raise TilingError(f"region reads {u.format_node()} which is not available in the tile")
+                raise TilingError(self.unavailable.format(u.format_node()))
         return self.env[u.name]
 
     def crop(self, n: Node, src: str, pad=None) -> Node:
@@ -78,10 +85,8 @@ class _BodyBuilder:
 
         args = torch.fx.map_arg(n.args, sub)
         kwargs = torch.fx.map_arg(n.kwargs, sub)
-        target = n.target
-        if n.op == "call_module":
-            return self.call(target, args, kwargs, name=n.name, origin=n.name, op="call_module")
-        return self.call(target, args, kwargs, name=n.name, origin=n.name)
+        op = "call_module" if n.op == "call_module" else "call_function"
+        return self.call(n.target, args, kwargs, name=n.name, origin=n.name, op=op)
 
     def emit(self, n: Node) -> None:
         rule: SpatialRule = member_rule(n, True)
