@@ -105,8 +105,14 @@ def test_plan_json(tinynets, capsys):
     data = json.loads(out)
     assert data["shape"] == [1, 3, 96, 96] and data["memory_budget"] == 10**10
     assert data["plan"]["peak_bytes"] <= data["plan"]["baseline_peak_bytes"]
-    peaks = [p["peak_bytes"] for p in data["pareto"]]
-    assert peaks == sorted(peaks) and any(not p["regions"] for p in data["pareto"])
+    # Lowest peak first, each plan slower than the one before: nothing on the frontier is
+    # dominated. (Whether the untiled plan is on it depends on measured times: on this tiny
+    # map a 2x2 grid can be predicted a few percent faster, which dominates it.)
+    front = data["pareto"]
+    peaks, times = [p["peak_bytes"] for p in front], [p["time_s"] for p in front]
+    assert front and peaks == sorted(peaks) and times == sorted(times, reverse=True)
+    assert data["plan"]["peak_bytes"] in peaks
+    assert min(peaks) < data["plan"]["baseline_peak_bytes"]  # some plan tiles
     assert err == ""  # --json keeps stderr quiet too
 
 
