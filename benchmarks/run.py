@@ -265,7 +265,17 @@ SECTIONS = {
 }
 
 
-def render(rows: list[dict], argv: list[str], wall: float) -> str:
+def _write(path: str, text: str) -> None:
+    """Replace ``path`` at once: a run stopped mid-write leaves the previous file whole."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def render(rows: list[dict], argv: list[str], wall: float, pending: list[str] = ()) -> str:
+    order = {s: i for i, s in enumerate(SECTIONS)}
+    rows = sorted(rows, key=lambda r: order[r["section"]])
     cal = planner.calibrate()
     lines = [
         "# tilefx benchmarks", "",
@@ -282,7 +292,8 @@ def render(rows: list[dict], argv: list[str], wall: float) -> str:
         f"{cal.pointwise_call_s * 1e6:.0f} us per other call, "
         f"{cal.reorder_s_per_byte * 2**30:.3f} s per GiB of weights reordered (oneDNN); every node "
         "timed on the whole map and on tile-sized windows (`tilefx.cost`)",
-        f"- wall time of this run: {wall / 60:.1f} min", "",
+        f"- wall time of this run: {wall / 60:.1f} min"
+        + (f"; **partial**: the run stopped before {', '.join(pending)}" if pending else ""), "",
         "Peak = highest total of tensor bytes allocated during the call and alive at once "
         "(torch.profiler allocator events; the caller's input and the weights are not counted, "
         "oneDNN's scratch buffers are). *base* is the untiled captured graph (*eager*, the model "
@@ -382,20 +393,22 @@ def main(argv=None) -> None:
             and (args.sizes is None or r.size in args.sizes)]
     if args.no_peers:
         todo = [Row(**{**r.__dict__, "peer": None}) for r in todo]
+    rank = {s: i for i, s in enumerate(args.sections)}  # sections run in the order asked
     groups: dict[tuple[str, int], list[Row]] = {}
-    for r in todo:
+    for r in sorted(todo, key=lambda r: rank[r.section]):
         groups.setdefault((r.model, r.size), []).append(r)
-    results = []
-    for (name, size), rows in groups.items():
+    results: list[dict] = []
+    argv_shown = sys.argv[1:] if argv is None else list(argv)
+    for k, ((name, size), rows) in enumerate(groups.items()):
         reps = args.repeats * 4 if size <= 256 else args.repeats
         try:
             results += bench(name, size, rows, reps)
         except Exception as e:  # one model failing must not lose the others' numbers
             print(f"  {name}@{size} failed: {type(e).__name__}: {e}", file=sys.stderr)
-    order = {s: i for i, s in enumerate(SECTIONS)}
-    results.sort(key=lambda r: order[r["section"]])
-    with open(args.out, "w") as f:
-        f.write(render(results, sys.argv[1:] if argv is None else list(argv), time.perf_counter() - t0))
+        # Written after every model, so a run stopped early keeps what it measured and says
+        # which models it did not reach.
+        _write(args.out, render(results, argv_shown, time.perf_counter() - t0,
+                                pending=[f"{m}@{s}" for m, s in list(groups)[k + 1:]]))
     print(f"wrote {os.path.abspath(args.out)}", file=sys.stderr)
 
 

@@ -39,10 +39,26 @@ def test_bisection_finds_the_lowest_peak_within_the_bound(passing):
     p = autotune.choose_measured(front, ratio_of, 0.15)
     want = () if passing == 0 else (f"r{passing - 1}",)
     assert p.regions == want
-    assert len(calls) <= autotune.MAX_TUNED
+    assert len(set(calls)) <= autotune.MAX_TUNED  # plans measured (a close pass twice)
     assert p.tuned == bool(want)
     if want:
         assert p.overhead == pytest.approx(0.1)  # the measured ratio, not the prediction
+
+
+def test_a_close_pass_is_measured_again_and_the_slower_run_counts():
+    """r1 passes by a hair once (1.14 against 1.15), then runs at 1.30: it must not be chosen;
+    r0, which passes with room to spare, is measured once."""
+    front = _front([1.0, 1.0])
+    runs = {("r0",): [1.02], ("r1",): [1.14, 1.30]}
+    calls = []
+
+    def ratio_of(p):
+        calls.append(p.regions)
+        return runs[p.regions].pop(0)
+
+    p = autotune.choose_measured(front, ratio_of, 0.15)
+    assert p.regions == ("r0",) and p.overhead == pytest.approx(0.02)
+    assert calls.count(("r1",)) == 2 and calls.count(("r0",)) == 1
 
 
 def test_the_choice_is_cached_per_key():
