@@ -47,7 +47,6 @@ from ..kernels import Gather, write_tile
 from ..primitives import call_facts, onednn_nchw_workspace, uses_onednn
 from ..region import TiledRegion
 from ..rules import cost_class, schema_args
-from ..statistics import Accumulator
 from ..stream_kernels import NEW_SUFFIX, stream_write
 from ..stream_region import StreamRegion
 from .channels_last import ChannelsLastBlock

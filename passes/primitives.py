@@ -24,7 +24,7 @@ True
 from __future__ import annotations
 
 from operator import attrgetter
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 from torch import nn

@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import math
 import operator
-from operator import attrgetter
 from typing import Any, Iterable
 
 import networkx as nx
-import torch
 from torch.fx import Graph, GraphModule, Node
 
-from ..capture import keep_calling_convention
 from ..errors import TilingError
 from ..kernels import LEAF_FUNCTIONS
 from ..rules import Barrier, SpatialRule
@@ -30,7 +27,7 @@ from ..streaming import MIN_ROWS, StreamSpec, check_streamable, stages_of
 from ..tiling import RegionNode, RegionSpec
 from .receptive_field import NodeFacts, Provenance, facts
 from .regions import find_region, resolve_merge
-from .tile_rewrite import _BodyBuilder
+from .tile_rewrite import _BodyBuilder, finish_module
 
 __all__ = ["stream_rewrite"]
 
@@ -177,19 +174,7 @@ def _outer(gm: GraphModule, region: list[Node], absorbed: set[Node], outputs: li
             r.meta = {k2: v for k2, v in o.meta.items() if k2 in ("tensor_meta", "nn_module_stack")}
             r.meta["tilefx"] = _made(o.name, "region_output", facts(o).sizes)
             env[o] = r
-    # Parameters only the region read are now read by its bodies alone (a get_attr is pure).
-    for n in list(g.nodes):
-        if n.op == "get_attr" and not n.users:
-            g.erase_node(n)
-    root: dict[str, Any] = {name: module}
-    for n in g.nodes:
-        if n.op in ("call_module", "get_attr") and n.target not in root:
-            root[n.target] = attrgetter(n.target)(gm)
-    out = GraphModule(root, g, class_name=type(gm).__name__)
-    out.meta.update(gm.meta)
-    keep_calling_convention(out, gm)
-    out.graph.lint()
-    return out
+    return finish_module(gm, g, {name: module})
 
 
 def _position_bytes(n: Node) -> float:

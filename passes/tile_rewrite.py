@@ -137,7 +137,7 @@ def tile_rewrite(gm: GraphModule, merge: Any, tiles: int | Iterable[int], halo: 
     """
     merge_nodes = resolve_merge(gm, merge)
     reg = find_region(gm, merge_nodes, _start_nodes(gm, start), multipass)
-    region, outputs, absorbed = reg.nodes, reg.outputs, reg.absorbed
+    region, absorbed = reg.nodes, reg.absorbed
     if not region:
         raise TilingError(f"nothing to tile before merge node {merge_nodes[0].format_node()}")
     if not halo and (len(reg.phases) > 1 or reg.phases[0].statistics):
@@ -227,12 +227,18 @@ def tile_rewrite(gm: GraphModule, merge: Any, tiles: int | Iterable[int], halo: 
             r.meta["tilefx"] = _made(o.name, "region_output" if o in in_region else "statistic",
                                      facts(o).sizes if o in in_region else None)
             env[o] = r
-    # Parameters only the region read are now read by its body alone (a get_attr is pure, so
+    return finish_module(gm, g, {nm: p[0] for nm, p in zip(names, passes)})
+
+
+def finish_module(gm: GraphModule, g: Graph, regions: dict[str, Any]) -> GraphModule:
+    """The rewritten graph ``g`` of ``gm`` as a GraphModule owning the region modules
+    ``regions`` (by name) and whatever else its nodes still read from ``gm``."""
+    # Parameters only a region read are now read by its bodies alone (a get_attr is pure, so
     # dropping it is safe; nothing else is removed, see fold_channels_last on dead code).
     for n in list(g.nodes):
         if n.op == "get_attr" and not n.users:
             g.erase_node(n)
-    root: dict[str, Any] = {nm: p[0] for nm, p in zip(names, passes)}
+    root: dict[str, Any] = dict(regions)
     for n in g.nodes:
         if n.op in ("call_module", "get_attr") and n.target not in root:
             root[n.target] = attrgetter(n.target)(gm)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass
-from typing import Any
 
 from torch.fx import Node
 

@@ -40,7 +40,8 @@ from typing import Any
 from .errors import TilingError
 from .kernels import CropTable
 from .stream_kernels import NEW, STORED, RowRead, RowWrite
-from .tiling import RegionNode, RegionSpec, crop_table, extents, propagate_axis, source_interval
+from .tiling import (RegionNode, RegionSpec, crop_table, extents, padded_rows, propagate_axis,
+                     source_interval)
 from .windows import IDENTITY
 
 __all__ = ["StreamSpec", "Strip", "RowSchedule", "StreamSchedule", "stages_of",
@@ -535,14 +536,8 @@ def _row_read(lo: int, hi: int, clo: int, chi: int, n: int, pad, pieces: tuple,
     """The record of a read of global rows ``[lo, hi)`` of a producer of extent ``n`` whose
     touched rows ``[clo, chi)`` are ``pieces``; off-map rows by the consumer's ``pad``."""
     if (lo < 0 or hi > n) and pad is not None and pad.mode in ("reflect", "replicate"):
-        idx = []
-        for g in range(lo, hi):
-            if pad.mode == "reflect":
-                g = -g if g < 0 else (2 * (n - 1) - g if g >= n else g)
-            else:
-                g = min(max(g, 0), n - 1)
-            idx.append(g - clo)
-        return RowRead(pieces, tuple(idx), 0, 0, rest, False, contiguous)
+        idx = tuple(g - clo for g in padded_rows(lo, hi, n, pad.mode))
+        return RowRead(pieces, idx, 0, 0, rest, False, contiguous)
     if min(hi, n) <= max(lo, 0):  # the whole read is padding (one row is touched for its dtype)
         return RowRead(pieces[:0], None, hi - lo, 0, rest, False, contiguous)
     return RowRead(pieces, None, max(lo, 0) - lo, hi - min(hi, n), rest, False, contiguous)

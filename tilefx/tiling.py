@@ -23,7 +23,8 @@ from .kernels import CropTable, Gather, Slice
 from .rules import PadSpec, SpatialRule
 
 __all__ = ["RegionSpec", "RegionNode", "Piece", "TileWindows", "Schedule", "AxisWindows",
-           "extents", "propagate_axis", "schedule", "min_input_extent", "read_window", "split", "tile_grid"]
+           "extents", "padded_rows", "propagate_axis", "schedule", "min_input_extent", "read_window",
+           "split", "tile_grid"]
 
 Interval = tuple[int, int]
 Window = tuple[Interval, ...]
@@ -153,6 +154,18 @@ def propagate_axis(nodes: Sequence[RegionNode], pieces: dict[str, Interval],
     return AxisWindows(need, reads)
 
 
+def padded_rows(lo: int, hi: int, n: int, mode: str) -> list[int]:
+    """The positions of an extent-``n`` axis that positions ``[lo, hi)`` read under ``reflect``
+    or ``replicate`` padding (positions off the map map back onto it).
+
+    >>> padded_rows(-2, 3, 3, "reflect"), padded_rows(1, 5, 3, "replicate")
+    ([2, 1, 0, 1, 2], [1, 2, 2, 2])
+    """
+    if mode == "reflect":
+        return [-g if g < 0 else (2 * (n - 1) - g if g >= n else g) for g in range(lo, hi)]
+    return [min(max(g, 0), n - 1) for g in range(lo, hi)]
+
+
 def crop_table(target: Window, have: Window, n: tuple[int, ...], pad: PadSpec | None) -> CropTable:
     """How a consumer reading ``target`` crops its producer's window ``have`` (extent ``n``)."""
     axes: list[Slice | Gather] = []
@@ -160,14 +173,7 @@ def crop_table(target: Window, have: Window, n: tuple[int, ...], pad: PadSpec | 
         clo, chi = max(lo, 0), min(hi, L)
         plo, phi = clo - lo, hi - chi
         if (plo or phi) and pad is not None and pad.mode in ("reflect", "replicate"):
-            idx = []
-            for g in range(lo, hi):
-                if pad.mode == "reflect":
-                    g = -g if g < 0 else (2 * (L - 1) - g if g >= L else g)
-                else:
-                    g = min(max(g, 0), L - 1)
-                idx.append(g - h0)
-            axes.append(Gather(tuple(idx)))
+            axes.append(Gather(tuple(g - h0 for g in padded_rows(lo, hi, L, pad.mode))))
         else:
             if chi < clo:  # the whole read is padding
                 clo = chi = max(min(lo, L), 0)
