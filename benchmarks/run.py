@@ -208,7 +208,7 @@ def bench(model_name: str, size: int, rows: list[Row], repeats: int) -> list[dic
         label = (f"max_overhead={row.bound - 1:g}" if row.choice == "max_overhead"
                  else f"budget {mib(row.budget)} MiB" if row.choice == "budget"
                  else f"by hand ({row.hand})" if row.choice == "hand" else row.choice)
-        key = (plan.regions, plan.recompute, plan.primitives)
+        key = plan.rewrite
         if key in seen and row.peer is None:
             seen[key]["label"] += f", {label}"
             continue
@@ -219,13 +219,13 @@ def bench(model_name: str, size: int, rows: list[Row], repeats: int) -> list[dic
         peak = peak_memory(tiled, x)
         stats = latency({"base": gm, "tiled": tiled}, x, repeats=repeats, warmup=1)
         r = dict(section=row.section, model=model_name, size=size, label=label,
-                 plan=str(plan).split(": peak")[0], base_peak=base_peak, eager_peak=eager_peak,
+                 plan=plan.label, base_peak=base_peak, eager_peak=eager_peak,
                  base_pred=base_pred, peak=peak, pred=plan.peak_bytes,
                  sim=simulate(tiled, x).peak_bytes, ratio=base_peak / max(peak, 1),
                  lat=stats["tiled"].median_s / stats["base"].median_s,
                  pred_lat=(1 + plan.overhead) if plan.predicted else float("nan"),
                  model_lat=next((1 + q.overhead for q in front
-                                 if (q.regions, q.recompute, q.primitives) == key), float("nan")),
+                                 if q.rewrite == key), float("nan")),
                  tuned=plan.tuned,
                  base_ms=stats["base"].median_s * 1e3,
                  extra=plan.extra_compute if plan.predicted else float("nan"), err=err,

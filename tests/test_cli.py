@@ -116,6 +116,22 @@ def test_plan_json(tinynets, capsys):
     assert err == ""  # --json keeps stderr quiet too
 
 
+def test_plan_table_marks_one_chosen_plan_and_names_primitives():
+    """Two frontier plans with the same regions (none) but other primitives: only the chosen
+    one is starred, and its row says that it changes primitives (it used to read "untiled")."""
+    from tilefx.plans import Frontier, Plan
+
+    front = Frontier.of([Plan((), 100, 100, 0.0, 1.0, 1.0),
+                         Plan((), 60, 100, 0.0, 1.1, 1.0, primitives=(("conv2d_3", "native"),))])
+    chosen = front.choose(max_overhead=0.15)
+    assert chosen.primitives
+    table = cli.format_plan(chosen, "net", (1, 3, 8, 8))
+    rows = [ln for ln in table.splitlines() if "peak" not in ln and ("untiled" in ln or "primitive" in ln)]
+    starred = [ln for ln in rows if ln.lstrip().startswith("*")]
+    assert len(starred) == 1 and "1 layer(s) on another primitive" in starred[0], table
+    assert "1 layer(s) on another primitive" in table.splitlines()[1]  # the "chosen:" line
+
+
 def test_plan_impossible_budget_is_one_line(tinynets, capsys):
     code, out, err = run(["plan", f"{tinynets}:build", "--shape", "1,3,96,96", "--budget", "1B"],
                          capsys)

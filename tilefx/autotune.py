@@ -68,10 +68,6 @@ def measure_ratio(baseline: Callable, candidate: Callable, args: tuple,
     return stats["plan"].median_s / stats["base"].median_s
 
 
-def _identity(p: Plan) -> tuple:
-    return (p.regions, p.recompute, p.primitives)
-
-
 def choose_measured(front: Frontier, ratio_of: Callable[[Plan], float], max_overhead: float,
                     key: Any = None) -> Plan:
     """The lowest-peak plan of ``front`` whose measured latency ratio is within
@@ -81,7 +77,7 @@ def choose_measured(front: Frontier, ratio_of: Callable[[Plan], float], max_over
     if cache_key is not None and cache_key in _TUNED:
         ident, ratio = _TUNED[cache_key]
         for p in front:
-            if _identity(p) == ident:
+            if p.rewrite == ident:
                 return _tuned(front, p, ratio)
     limit = 1 + max_overhead
     plans = list(front)  # highest peak (the untiled model) first
@@ -111,13 +107,13 @@ def choose_measured(front: Frontier, ratio_of: Callable[[Plan], float], max_over
         chosen, ratio = min(((p, r) for p, r in passing if p.peak_bytes <= lowest * (1 + PEAK_TIE)),
                             key=lambda pr: (pr[1], pr[0].peak_bytes))
     if cache_key is not None:
-        _TUNED[cache_key] = (_identity(chosen), ratio)
+        _TUNED[cache_key] = (chosen.rewrite, ratio)
         while len(_TUNED) > _TUNED_KEPT:
             _TUNED.popitem(last=False)
     return _tuned(front, chosen, ratio)
 
 
 def _tuned(front: Frontier, p: Plan, ratio: float) -> Plan:
-    if not p.regions and not p.primitives and not p.recompute:
+    if not any(p.rewrite):
         return replace(p, frontier=front)  # the untiled model: its time is the baseline's
     return replace(p, time_s=ratio * p.baseline_time_s, tuned=True, frontier=front)

@@ -228,14 +228,16 @@ def _plan_for(model: Any, x: Any, budget: int | None, max_overhead: float | None
 
 
 def _label(plan: Any) -> str:
-    """``"layer2 @ 4x4 then layer3 @ 2x2"``; ``"untiled"`` for the empty plan."""
-    return " then ".join(map(str, plan.regions)) if plan.regions else "untiled"
+    """``"layer2 @ 4x4 then layer3 @ 2x2"``; ``"untiled"`` for the empty plan (``Plan.label``)."""
+    return plan.label
 
 
 def _plan_dict(plan: Any) -> dict:
     return {
-        "regions": [{"merge": list(r.merge), "tiles": list(r.tiles), "start": list(r.start)}
-                    for r in plan.regions],
+        "regions": [{"merge": list(r.merge), "tiles": list(r.tiles), "start": list(r.start),
+                     "multipass": r.multipass, "stream": r.stream} for r in plan.regions],
+        "recompute": list(plan.recompute),
+        "primitives": [list(p) for p in plan.primitives],
         "label": _label(plan),
         "peak_bytes": int(plan.peak_bytes),
         "baseline_peak_bytes": int(plan.baseline_peak_bytes),
@@ -272,7 +274,7 @@ def format_plan(plan: Any, model_name: str, shape: tuple[int, ...]) -> str:
              "Pareto frontier (predicted peak against predicted time; * = chosen):"]
     rows = [("", "plan", "peak MiB", "x lower", "extra MACs", "time")]
     for p in _frontier(plan):
-        rows.append(("*" if p.regions == plan.regions else "", _label(p), _mib(p.peak_bytes),
+        rows.append(("*" if p.rewrite == plan.rewrite else "", _label(p), _mib(p.peak_bytes),
                      f"{base / max(p.peak_bytes, 1):.2f}", pct(p.extra_compute),
                      pct(_overhead(p))))
     lines += _table(rows, right=(2, 3, 4, 5))

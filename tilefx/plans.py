@@ -130,6 +130,12 @@ class Plan:
     tuned: bool = False
 
     @property
+    def rewrite(self) -> tuple:
+        """What the plan does to the graph (regions, recomputed skips, primitives), without its
+        predictions: two plans with equal ``rewrite`` produce the same module."""
+        return (self.regions, self.recompute, self.primitives)
+
+    @property
     def predicted(self) -> bool:
         """Whether the planner chose (and so predicted) this plan."""
         return self.peak_bytes is not None
@@ -152,12 +158,19 @@ class Plan:
         """Every Pareto-optimal plan (peak vs predicted time), lowest peak last."""
         return list(self.frontier) if self.frontier is not None else [self]
 
-    def __str__(self) -> str:
+    @property
+    def label(self) -> str:
+        """What the plan does, in words: ``"layer2 @ 4x4 then layer3 @ 2x2"``, ``"untiled"``,
+        with the recomputed skips and the number of layers on another primitive."""
         what = " then ".join(map(str, self.regions)) if self.regions else "untiled"
         if self.recompute:
             what = f"compute {', '.join(self.recompute)} again; {what}"
         if self.primitives:
             what += f"; {len(self.primitives)} layer(s) on another primitive"
+        return what
+
+    def __str__(self) -> str:
+        what = self.label
         if not self.predicted:
             return f"{what} (fixed by the user; no predictions)"
         return (f"{what}: peak {self.peak_bytes / 2**20:.2f} MiB ({self.ratio:.1f}x lower than "

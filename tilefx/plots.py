@@ -223,10 +223,6 @@ def plot_memory(model: torch.nn.Module, x: torch.Tensor, tiled: torch.nn.Module 
 # --------------------------------------------------------------------------- Pareto frontier
 
 
-def _plan_label(p: Any) -> str:
-    return " then ".join(map(str, p.regions)) if p.regions else "untiled"
-
-
 def plot_pareto(plan: Any, *, ax: Any = None, budget: int | None = None, title: str | None = None,
                 annotate: int = 3):
     """Plot the planner's Pareto frontier: predicted peak memory against predicted time.
@@ -274,7 +270,7 @@ def plot_pareto(plan: Any, *, ax: Any = None, budget: int | None = None, title: 
     chosen = (xval(plan), plan.peak_bytes / _MIB)
     ratio = plan.baseline_peak_bytes / max(plan.peak_bytes, 1)
     ax.scatter(*chosen, marker="*", color="tab:red", s=220, zorder=5,
-               label=f"chosen: {_plan_label(plan)}\n  {chosen[1]:.1f} MiB ({ratio:.1f}x lower)")
+               label=f"chosen: {plan.label}\n  {chosen[1]:.1f} MiB ({ratio:.1f}x lower)")
     if budget is not None:
         ax.axhline(budget / _MIB, color="tab:red", ls="--", lw=1,
                    label=f"budget {budget / _MIB:.1f} MiB")
@@ -290,12 +286,12 @@ def plot_pareto(plan: Any, *, ax: Any = None, budget: int | None = None, title: 
         if len(taken) - 2 >= annotate:
             break
         p = points[i]
-        if not p.regions or p.regions == plan.regions or not all(far((xs[i], ys[i]), t) for t in taken):
+        if not any(p.rewrite) or p.rewrite == plan.rewrite or not all(far((xs[i], ys[i]), t) for t in taken):
             continue
         letter = "ABCDEFGHIJ"[len(taken) - 2]
         ax.annotate(letter, (xs[i], ys[i]), textcoords="offset points", xytext=(4, 5),
                     fontsize=9, fontweight="bold", color="tab:blue")
-        ax.plot([], [], " ", label=f"{letter}: {_plan_label(p)}, {ys[i]:.1f} MiB")
+        ax.plot([], [], " ", label=f"{letter}: {p.label}, {ys[i]:.1f} MiB")
         taken.append((xs[i], ys[i]))
     if use_time:
         from matplotlib.ticker import FuncFormatter
