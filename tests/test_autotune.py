@@ -61,6 +61,17 @@ def test_a_close_pass_is_measured_again_and_the_slower_run_counts():
     assert calls.count(("r1",)) == 2 and calls.count(("r0",)) == 1
 
 
+def test_a_plan_that_saves_almost_nothing_loses_to_the_untiled_model():
+    """A plan within PEAK_TIE of the untiled peak that runs slower is not worth it
+    (EfficientNet-B0 @224 chose a 1.00x plan that ran at 1.13x)."""
+    from tilefx.plans import PEAK_TIE
+
+    base = Plan((), 100, 100, 0.0, 1.0, 1.0)
+    front = Frontier.of([base, Plan(("r0",), 100 * (1 - PEAK_TIE / 2), 100, 0.0, 1.01, 1.0)])
+    p = autotune.choose_measured(front, lambda p: 1.05, 0.15)
+    assert p.regions == () and not p.tuned
+
+
 def test_the_choice_is_cached_per_key():
     ratios = [1.1, 1.1, 1.3]
     front = _front(ratios)

@@ -101,8 +101,9 @@ def choose_measured(front: Frontier, ratio_of: Callable[[Plan], float], max_over
     if lo < 0:
         chosen, ratio = plans[0], 1.0
     else:
-        # Among the measured plans that pass, peaks within PEAK_TIE count as equal: the faster.
-        passing = [(cands[i], r) for i, r in measured.items() if r <= limit]
+        # Among the measured plans that pass, and the untiled model (ratio 1), peaks within
+        # PEAK_TIE count as equal: the faster.
+        passing = [(plans[0], 1.0)] + [(cands[i], r) for i, r in measured.items() if r <= limit]
         lowest = cands[lo].peak_bytes
         chosen, ratio = min(((p, r) for p, r in passing if p.peak_bytes <= lowest * (1 + PEAK_TIE)),
                             key=lambda pr: (pr[1], pr[0].peak_bytes))
