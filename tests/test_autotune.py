@@ -45,6 +45,15 @@ def test_bisection_finds_the_lowest_peak_within_the_bound(passing):
         assert p.overhead == pytest.approx(0.1)  # the measured ratio, not the prediction
 
 
+def test_the_lowest_peak_candidate_is_measured_first():
+    """Measured times need not rise along the frontier: r1 runs slow, r3 (the lowest peak)
+    passes. A bisection alone would have stopped at r0."""
+    front = _front([1.0] * 4)
+    ratios = {("r0",): 1.02, ("r1",): 1.3, ("r2",): 1.02, ("r3",): 1.02}
+    p = autotune.choose_measured(front, lambda p: ratios[p.regions], 0.15)
+    assert p.regions == ("r3",)
+
+
 def test_a_close_pass_is_measured_again_and_the_slower_run_counts():
     """r1 passes by a hair once (1.14 against 1.15), then runs at 1.30: it must not be chosen;
     r0, which passes with room to spare, is measured once."""
