@@ -1,6 +1,6 @@
 """Regenerate BENCHMARKS.md from real runs: measured peaks, latency, error, plans, peers.
 
-    python benchmarks/run.py                                # every section (over 2 hours on 2 cores: tuning runs each 1024 model many times)
+    python benchmarks/run.py                                # every section (about an hour on 2 cores, idle; rewritten after each model)
     python benchmarks/run.py --sections frontier --models resnet50 --sizes 1024
     python benchmarks/run.py --no-peers --out /tmp/B.md
 
