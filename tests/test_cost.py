@@ -40,8 +40,12 @@ def test_measured_costs_cover_every_node_and_are_non_negative():
     for name, c in costs.items():
         assert c.fixed_s >= 0 and c.per_pixel_s >= 0, (name, c)
     conv = costs["conv2d"]
-    # A convolution's fixed part is at least its dispatch (plus its weight reorder).
-    assert conv.fixed_s >= min(CAL.call_s, conv.time(96 * 64)) - 1e-12
+    # A convolution's fixed part is at least its dispatch (plus its weight reorder), unless the
+    # call was measured faster than that on the whole map or on its largest window (CAL is not
+    # this machine's: its 30 us dispatch can exceed a measured call; the check was flaky).
+    largest_window = conv.time(conv.knee_px)
+    assert conv.fixed_s >= min(CAL.call_s, conv.full_s, largest_window) - 1e-12
+    assert conv.fixed_s <= largest_window + 1e-12
     # Measured on the whole map and on tile-sized windows: the untiled call is the whole map's.
     assert conv.full_px == 96 * 64 and conv.full_s > 0
     assert conv.knee_px < conv.full_px
