@@ -35,13 +35,6 @@ def _made(origin: str, role: str, sizes=None) -> NodeFacts:
 
 
 class _BodyBuilder:
-    #: kernels kept as leaves when ``torch.load`` re-traces the body's code
-    leaves = LEAF_FUNCTIONS
-    #: the error for an operand the body cannot read
-    unavailable = "region reads {} which is not available in the tile"
-    #: the facts of a node the builder creates
-    made = staticmethod(_made)
-
     """Builds the tile body graph; the rule table's ``emit`` methods call it.
 
     ``crop(n, src, pad)`` is a halo-crop node of ``src``'s window for consumer ``n``;
@@ -49,6 +42,13 @@ class _BodyBuilder:
     ``call(...)`` any other node; ``value(u)`` a non-spatial operand (a parameter or a
     tensor computed before the region).
     """
+
+    #: kernels kept as leaves when ``torch.load`` re-traces the body's code
+    leaves = LEAF_FUNCTIONS
+    #: the error for an operand the body cannot read
+    unavailable = "region reads {} which is not available in the tile"
+    #: the facts of a node the builder creates
+    made = staticmethod(_made)
 
     def __init__(self, region: list[Node], outputs: list[Node], nsp: int):
         self.g = Graph()
