@@ -11,8 +11,9 @@ runs, so the default choice measures instead of trusting the prediction near the
 * the lowest-peak candidate is measured first (measured times do not always rise along the
   frontier: ResNet-50 @1024's lowest-peak plan ran at 0.58x while plans above it ran slower),
   then a bisection over the rest finds the lowest-peak plan whose measured latency ratio is
-  within the bound, measuring at most :data:`MAX_TUNED` plans, each applied and timed interleaved with the
-  untiled graph (``tilefx.measure.latency``: medians of alternating runs, so load hits both);
+  within the bound, measuring at most :data:`MAX_TUNED` plans, each applied and timed
+  interleaved with the untiled graph (``tilefx.measure.latency``: medians of alternating
+  runs, so load hits both);
 * a plan that passes with less than ``1 - CONFIRM_WITHIN`` of the bound to spare is measured
   again and the slower of its two ratios counts: one lucky run under load must not choose a
   plan that then runs over the bound;
@@ -93,11 +94,9 @@ def choose_measured(front: Frontier, ratio_of: Callable[[Plan], float], max_over
         return r
 
     lo, hi = -1, len(cands)  # cands[lo] passes (-1: the untiled model), cands[hi] fails
-    if cands:  # the lowest peak first: measured times need not rise along the frontier
-        measured[len(cands) - 1] = ratio(cands[-1])
-        lo, hi = (len(cands) - 1, hi) if measured[len(cands) - 1] <= limit else (lo, len(cands) - 1)
     while hi - lo > 1 and len(measured) < MAX_TUNED:
-        mid = (lo + hi) // 2
+        # The lowest peak first (measured times need not rise along the frontier), then halves.
+        mid = hi - 1 if not measured else (lo + hi) // 2
         measured[mid] = ratio(cands[mid])
         if measured[mid] <= limit:
             lo = mid
