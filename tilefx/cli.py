@@ -227,18 +227,13 @@ def _plan_for(model: Any, x: Any, budget: int | None, max_overhead: float | None
     return planner.plan(gm, x, memory_budget=budget, max_overhead=max_overhead), gm
 
 
-def _label(plan: Any) -> str:
-    """``"layer2 @ 4x4 then layer3 @ 2x2"``; ``"untiled"`` for the empty plan (``Plan.label``)."""
-    return plan.label
-
-
 def _plan_dict(plan: Any) -> dict:
     return {
         "regions": [{"merge": list(r.merge), "tiles": list(r.tiles), "start": list(r.start),
                      "multipass": r.multipass, "stream": r.stream} for r in plan.regions],
         "recompute": list(plan.recompute),
         "primitives": [list(p) for p in plan.primitives],
-        "label": _label(plan),
+        "label": plan.label,
         "peak_bytes": int(plan.peak_bytes),
         "baseline_peak_bytes": int(plan.baseline_peak_bytes),
         "peak_ratio": plan.baseline_peak_bytes / max(plan.peak_bytes, 1),
@@ -267,14 +262,14 @@ def format_plan(plan: Any, model_name: str, shape: tuple[int, ...]) -> str:
 
     lines = [f"{model_name}, input {'x'.join(map(str, shape))}: predicted peak "
              f"{_mib(base)} MiB untiled",
-             f"chosen: {_label(plan)}",
+             f"chosen: {plan.label}",
              f"  predicted peak {_mib(plan.peak_bytes)} MiB ({base / max(plan.peak_bytes, 1):.2f}x "
              f"lower), extra MACs {pct(plan.extra_compute)}, predicted time {pct(_overhead(plan))}",
              "",
              "Pareto frontier (predicted peak against predicted time; * = chosen):"]
     rows = [("", "plan", "peak MiB", "x lower", "extra MACs", "time")]
     for p in _frontier(plan):
-        rows.append(("*" if p.rewrite == plan.rewrite else "", _label(p), _mib(p.peak_bytes),
+        rows.append(("*" if p.rewrite == plan.rewrite else "", p.label, _mib(p.peak_bytes),
                      f"{base / max(p.peak_bytes, 1):.2f}", pct(p.extra_compute),
                      pct(_overhead(p))))
     lines += _table(rows, right=(2, 3, 4, 5))
