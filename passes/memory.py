@@ -44,7 +44,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_flatten
 
 from ..kernels import Gather, write_tile
-from ..primitives import call_facts, onednn_nchw_workspace, uses_onednn
+from ..primitives import (OpParams, call_facts, default_primitive, onednn_nchw_workspace,
+                          uses_onednn, workspace_bytes)
 from ..region import TiledRegion
 from ..rules import cost_class, schema_args
 from ..stream_kernels import NEW_SUFFIX, stream_write
@@ -171,26 +172,18 @@ def cpu_workspace(node: torch.fx.Node, module: nn.Module | None, args: tuple, kw
     return 0
 
 
-def conv_scratch(x_shape: tuple, w_shape: tuple, out_shape: tuple, stride: tuple, itemsize: int,
-                 float32_cpu: bool = True) -> int:
-    """Scratch bytes of one CPU 2-d convolution from its shapes, as a streaming strip runs it:
-    oneDNN's reorders (:func:`conv_workspace`), or the im2col columns of ATen's native kernel
-    where ATen's dispatch picks it (:func:`~tilefx.primitives.uses_onednn`).
+def conv_scratch(params: OpParams, x_shape: tuple, channels_last: bool = False) -> int:
+    """Scratch bytes of one CPU convolution on an input of ``x_shape`` (its layout:
+    ``channels_last``), as a streaming strip runs it: the workspace of the primitive ATen's
+    dispatch picks there (:func:`~tilefx.primitives.default_primitive`), the same model
+    :func:`simulate` counts: oneDNN's reorders, or ATen's native im2col columns.
 
-    >>> conv_scratch((1, 512, 3, 10), (512, 512, 3, 3), (1, 512, 1, 8), (1, 1), 4)  # native
+    >>> from tilefx.primitives import OpParams
+    >>> p = OpParams("conv", (512, 512, 3, 3), (1, 1), (0, 0), (1, 1))
+    >>> conv_scratch(p, (1, 512, 3, 10))  # native: 512 * 9 rows of 8 columns
     147456
     """
-    kernel = tuple(w_shape[2:])
-    groups = x_shape[1] // max(w_shape[1], 1)
-    if (float32_cpu and len(x_shape) == 4
-            and not uses_onednn(x_shape[0], math.prod(x_shape), kernel, stride, (1,) * len(kernel),
-                                groups, torch.get_num_threads())):
-        if all(k == 1 for k in kernel) and all(s == 1 for s in stride):
-            return 0
-        return x_shape[0] * w_shape[1] * math.prod(kernel) * math.prod(out_shape[2:]) * itemsize
-    pw = all(k == 1 for k in kernel) and any(s > 1 for s in stride)
-    return conv_workspace(math.prod(x_shape) * itemsize, x_shape[1], math.prod(w_shape) * itemsize,
-                          math.prod(out_shape) * itemsize, out_shape[1], pw)
+    return workspace_bytes(default_primitive(params, x_shape), params, x_shape, channels_last) or 0
 
 
 def _op_params(node: torch.fx.Node, args: tuple, kwargs: dict):

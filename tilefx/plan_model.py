@@ -47,6 +47,7 @@ from .errors import TilingError
 from .passes.memory import Step, im2col_workspace, liveness, record, uses_onednn
 from .passes.receptive_field import facts
 from .passes.regions import find_region, member_rule, tensor_valued
+from .primitives import input_facts, native_layout_copy, onednn_channels_last_workspace, op_params
 from .rules import SpatialRule
 from .tiling import RegionNode, propagate_axis, split
 
@@ -464,6 +465,8 @@ class WindowOp(NamedTuple):
     dilation: tuple = ()
     groups: int = 1
     itemsize: int = 4    # of its input; ATen's rule is for float32 (others stay on oneDNN)
+    params: Any = None   # a convolution's ``primitives.OpParams`` (the weight's layout)
+    channels_last: bool = False  # its input's layout (a tile's window keeps it)
 
 
 @dataclass
@@ -564,7 +567,10 @@ def _body(model: StaticModel, seg: Segment) -> Body:
                 batch=tm.shape[0] if hasattr(tm, "shape") else 1,
                 kernel=info.get("kernel", ()), stride=info.get("stride", ()),
                 dilation=info.get("dilation", ()), groups=info.get("groups", 1),
-                itemsize=tm.dtype.itemsize if hasattr(tm, "shape") and tm.dtype == torch.float32 else 0))
+                itemsize=tm.dtype.itemsize if hasattr(tm, "shape") and tm.dtype == torch.float32 else 0,
+                params=op_params(n, model.gm) if info.get("kind") == "conv" else None,
+                channels_last=bool((input_facts(n, model.gm) or ((), False))[1])
+                if info.get("kind") == "conv" else False))
     macs_pp = np.array([model.info.get(nm, {}).get("macs", 0) / max(math.prod(facts(by_name[nm]).sizes), 1)
                         for nm in names])
     costs = [model.cost(n) for n in seg.nodes]
@@ -595,6 +601,15 @@ def _body(model: StaticModel, seg: Segment) -> Body:
         # ATen's own im2col path for small float32 windows (passes.memory.uses_onednn): the
         # elements at or below which it takes it, and its column bytes per output position
         im2col_below=col(lambda o: _im2col_threshold(o)),
+        # A channels-last input or weight (tilefx.primitives): oneDNN's layout copies, a part
+        # fixed by the weight and the input's reorder where only the weight is channels-last;
+        # ATen's native path copies the weight to channels-last.
+        layout=col(lambda o: o.params is not None and (o.channels_last or o.params.weight_channels_last), bool),
+        layout_in=col(lambda o: not o.channels_last, bool),
+        layout_ws=col(lambda o: onednn_channels_last_workspace(o.params, 0, o.channels_last)
+                      if o.params is not None else 0.0),
+        native_copy=col(lambda o: native_layout_copy(o.params, 0, o.channels_last)
+                        if o.params is not None else 0.0),
         cols_pp=col(lambda o: im2col_workspace(o.channels_in, o.kernel, o.stride, (0,) * len(o.kernel),
                                                1, o.batch, o.itemsize) if o.kernel else 0.0))
     seg.body = Body(held=A, owner=owner, storage_bpp=bpp_storage, ops=ops, macs_pp=macs_pp,
@@ -647,11 +662,13 @@ def tile_cost(model: StaticModel, seg: Segment, grid: tuple[int, ...]) -> TileCo
             out16 = out_b * o["round16"][:, None]
             held = np.maximum(np.where(o["reorders_in"][:, None], crop, 0.0) + o["w"][:, None]
                               + out16 + np.where(o["pw"][:, None], out_b, 0.0), out16 + out_b)
-            ws = np.where(o["conv"][:, None], np.maximum(held - out_b, 0.0), ws)
+            nhwc = np.where(o["layout_in"][:, None], crop, 0.0) + o["layout_ws"][:, None]
+            ws = np.where(o["conv"][:, None],
+                          np.where(o["layout"][:, None], nhwc, np.maximum(held - out_b, 0.0)), ws)
             # A window of at most im2col_below elements runs ATen's im2col path instead.
             numel = crop / np.maximum(o["src_bpp"][:, None], 1e-30) * o["channels"][:, None]
             small = numel <= o["im2col_below"][:, None]
-            ws = np.where(small, o["cols_pp"][:, None] * Ls[idx], ws)
+            ws = np.where(small, o["cols_pp"][:, None] * Ls[idx] + o["native_copy"][:, None], ws)
             ws = np.where(o["maxpool"][:, None], 2 * out_b, ws)
         here = total[idx]
         # A window narrowed out of a producer read by several ops: halo_crop copies it.

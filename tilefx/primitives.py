@@ -82,6 +82,7 @@ from .errors import TilingError
 
 __all__ = ["uses_onednn", "OpParams", "Primitive", "PrimitiveOption", "CallFacts", "PRIMITIVES", "op_params",
            "candidates", "candidates_for", "refusal", "workspace_bytes", "onednn_nchw_workspace",
+           "onednn_channels_last_workspace", "native_layout_copy", "input_facts",
            "measure_workspace", "time_primitives", "options", "default_primitive", "call_params",
            "call_facts", "call_operands", "call_workspace", "emitted_primitive"]
 
@@ -242,7 +243,9 @@ def op_params(node: Node, root: torch.nn.Module | None = None) -> OpParams | Non
     return call_params(node.target, args, kwargs)
 
 
-def _input_facts(node: Node, root: torch.nn.Module | None) -> tuple[tuple[int, ...], bool] | None:
+def input_facts(node: Node, root: torch.nn.Module | None = None) -> tuple[tuple[int, ...], bool] | None:
+    """The input's (shape, channels-last layout) of a convolution or linear node, from its
+    metadata (or ``root``'s tensors), or None where neither is known."""
     x = _value(node.args[0], root) if node.args else None
     f = _tensor_facts(x)
     return (f.shape, f.channels_last) if f is not None else None
@@ -321,12 +324,32 @@ def onednn_nchw_workspace(in_bytes: int, cin: int, w_bytes: int, out_bytes: int,
     return max(held - out_bytes, 0)
 
 
+def onednn_channels_last_workspace(p: OpParams, in_bytes: float, channels_last: bool) -> float:
+    """oneDNN's bytes beyond the output when the input (``channels_last``) or the weight is
+    channels-last: the input reordered when it is not, the weight copied to channels-last
+    (unless its layout is that already) and reordered, and a groups-1 convolution's
+    scratchpad. ``in_bytes``: the input's bytes (a tile's window, for the planner)."""
+    w = _nbytes(p.weight_shape, p)
+    clone = 0 if (p.weight_channels_last or _both_layouts(p)) else w
+    return ((0 if channels_last else in_bytes) + clone + w
+            + (ONEDNN_NHWC_SCRATCH if p.groups == 1 else 0))
+
+
+def native_layout_copy(p: OpParams, in_bytes: float, channels_last: bool) -> float:
+    """What ATen's native convolution copies for a channels-last input beyond its columns: a
+    2-d one's weight, made channels-last (unless its layout is that already); a 3-d one's
+    input, made contiguous."""
+    if channels_last and p.nsp == 2 and not (p.weight_channels_last or _both_layouts(p)):
+        return _nbytes(p.weight_shape, p)
+    if channels_last and p.nsp == 3:
+        return in_bytes
+    return 0
+
+
 def _onednn_workspace(p: OpParams, shape: tuple[int, ...], channels_last: bool) -> int:
     inp, w, out = _nbytes(shape, p), _nbytes(p.weight_shape, p), _nbytes(p.out_shape(shape), p)
     if channels_last or p.weight_channels_last:
-        clone = 0 if (p.weight_channels_last or _both_layouts(p)) else w
-        return ((0 if channels_last else inp) + clone + w
-                + (ONEDNN_NHWC_SCRATCH if p.groups == 1 else 0))
+        return onednn_channels_last_workspace(p, inp, channels_last)
     extra = 0
     if (p.nsp <= 2 and all(k == 1 for k in p.kernel) and any(s > 1 for s in p.stride)
             and all(n % st == 0 for n, st in zip(shape[2:], p.stride))):
@@ -375,12 +398,7 @@ def _native_workspace(p: OpParams, shape: tuple[int, ...], channels_last: bool) 
         cols = 0
     else:
         cols = shape[0] * per_sample
-    extra = 0
-    if channels_last and p.nsp == 2 and not (p.weight_channels_last or _both_layouts(p)):
-        extra = _nbytes(p.weight_shape, p)  # the weight, copied to channels-last
-    elif channels_last and p.nsp == 3:
-        extra = _nbytes(shape, p)  # the input, made contiguous
-    return cols + extra
+    return cols + native_layout_copy(p, _nbytes(shape, p), channels_last)
 
 
 def _matmul_refuse(p: OpParams) -> str | None:
@@ -775,7 +793,7 @@ def options(node: Node, input_shape: tuple[int, ...] | None = None, *,
     if p is None:
         raise TilingError(f"node {node.format_node()} is not a convolution or linear that a "
                           f"primitive computes; primitives apply to convolutions and linears")
-    traced = _input_facts(node, root)
+    traced = input_facts(node, root)
     if input_shape is None:
         if traced is None:
             raise TilingError(f"node {node.format_node()} carries no input shape; pass "

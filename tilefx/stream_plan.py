@@ -35,6 +35,7 @@ from .errors import TilingError
 from .passes.memory import conv_scratch
 from .passes.receptive_field import facts
 from .plan_model import Segment, StaticModel
+from .primitives import input_facts, op_params
 from .streaming import StreamSpec, check_streamable, stages_of, strip_rows
 from .tiling import RegionNode, RegionSpec, source_interval
 
@@ -106,7 +107,7 @@ class _Op:
     kind: str                            # "conv", "maxpool", "transposed", "interp", "other"
     pointwise: bool                      # reads a view where it can (a pointwise op)
     linear: bool                         # a linear interpolation
-    conv: tuple | None                   # (input prefix shape, weight shape, output prefix, stride, itemsize, float32)
+    conv: tuple | None                   # (input prefix shape, OpParams unpadded, channels-last input)
     fixed_s: float
     per_pixel_s: float
     row_px: int                          # positions per row
@@ -151,20 +152,14 @@ def stream_cost(model: StaticModel, seg: Segment, strip: int) -> StreamCost | No
     ops: dict[str, _Op] = {}
     for n, node in by_name.items():
         rule = facts(node).rule
-        tm = node.meta.get("tensor_meta")
-        dtype = getattr(tm, "dtype", None)
         kind = info.get(n, {}).get("kind") or (rule.kind if rule.kind in ("transposed", "interp")
                                               else "other")
         conv = None
-        if kind == "conv" and isinstance(node.args[1], Node) and hasattr(tm, "shape"):
-            src = rule.inputs[0][0]
-            s_tm = everything[src].meta.get("tensor_meta")
-            w = node.args[1].meta.get("tensor_meta")
-            if hasattr(s_tm, "shape") and hasattr(w, "shape"):
-                conv = (tuple(s_tm.shape[:len(s_tm.shape) - nsp]), tuple(w.shape),
-                        tuple(tm.shape[:len(tm.shape) - nsp]),
-                        tuple(rule.attrs.get("stride", (1,) * nsp)), dtype.itemsize,
-                        str(dtype) == "torch.float32")
+        if kind == "conv":
+            params, traced = op_params(node, model.gm), input_facts(node, model.gm)
+            if params is not None and traced is not None:
+                # A strip's read holds its padding: the op runs unpadded on it.
+                conv = (tuple(traced[0][:len(traced[0]) - nsp]), params.tiled(), traced[1])
         srcs = tuple(dict.fromkeys(s for s, _ in rule.inputs))
         cost = model.cost(node)
         # A strip's call runs the op on full-width rows: its fixed cost is the call itself (and
@@ -260,9 +255,8 @@ def stream_cost(model: StaticModel, seg: Segment, strip: int) -> StreamCost | No
                 if op.kind == "conv" and op.conv is not None:
                     src = op.reads[0][0]
                     lo, hi = reads[(n, src)]
-                    pre, w, opre, stride, item, f32 = op.conv
-                    ws = conv_scratch(pre + (hi - lo,) + read_width[(n, src)], w,
-                                      opre + (r,) + tuple(sizes[n][1:]), stride, item, f32)
+                    pre, params, channels_last = op.conv
+                    ws = conv_scratch(params, pre + (hi - lo,) + read_width[(n, src)], channels_last)
                 elif op.kind == "maxpool":
                     ws = 2 * own
                 elif op.kind == "transposed":
