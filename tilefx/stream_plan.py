@@ -16,11 +16,13 @@ per-node facts.
   two outputs for max pooling, the full product of a transposed convolution before its rows
   are placed, the blends of a linear interpolation. The peak is the largest total over the
   strips' stage calls, in order, as ``passes.memory.simulate`` counts a streaming call.
-* **Time.** Every row is computed once, so the per-pixel time is the untiled model's, except
-  the rows a transposed convolution produces beyond its window. What streaming adds is per
-  call: every node's fixed cost once per strip it computes in, a call per stage, read and
-  write, and the bytes the reads and writes copy, at the rate the model's own pointwise ops
-  move bytes.
+* **Time.** Every row is computed once (except the rows a transposed convolution produces
+  beyond its window), and each node's call on a strip costs what ``tilefx.cost.NodeCost``
+  predicts for that many positions, as a tile's call does: its fixed cost once per strip, and
+  a position at the in-cache rate where the strip is smaller than the whole map's measured
+  knee (on a large map a position costs more; the untiled call is the measured one). Streaming
+  also adds a call per stage, read and write, and the bytes the reads and writes copy, at the
+  rate the model's own pointwise ops move bytes.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from dataclasses import dataclass
 
 from torch.fx import Node
 
+from .cost import NodeCost
 from .errors import TilingError
 from .passes.memory import conv_scratch
 from .passes.receptive_field import facts
@@ -286,12 +289,13 @@ def stream_cost(model: StaticModel, seg: Segment, strip: int) -> StreamCost | No
                 pending[out] = (new[out][1] - new[out][0]) * ops[out].row_bytes
             s0, s1 = rows.stored[j].get(out, (0, 0))
             extra_time += call_s + (s1 - s0) * ops[out].row_bytes * copy_rate  # the write
-    # Every node pays its fixed cost once per strip it computes in (once untiled).
-    active = {n: 0 for n in by_name}
-    for new in rows.new:
-        for n in new:
-            active[n] += 1
-    extra_time += sum(ops[n].fixed_s * (c - 1) for n, c in active.items())
+    # Every node's call per strip it computes in, on the strip's positions, against its call on
+    # the whole map: its fixed cost once per strip, and the cache a strip's rows fit in.
+    for n, node in by_name.items():
+        c = model.cost(node)
+        strip_cost = NodeCost(ops[n].fixed_s, c.per_pixel_s, c.full_s, c.full_px, c.knee_px)
+        calls = [(new[n][1] - new[n][0]) * ops[n].row_px for new in rows.new if n in new]
+        extra_time += sum(strip_cost.time(px) for px in calls) - strip_cost.untiled(sum(calls))
     for n in by_name:
         if ops[n].kind == "transposed":
             extra_macs -= info.get(n, {}).get("macs", 0)
