@@ -354,3 +354,31 @@ def test_the_same_model_and_shape_plan_the_same():
     other = torch.randn(1, 3, 160, 160)
     planner.plan(tilefx.prepare(_setup("resnet18", 224)[0], other), other)
     assert len(cost._MEASURED) == 2, "another shape is another measurement"
+
+
+def test_regions_under_the_peak_take_the_option_that_recomputes_less():
+    """A plan's peak is its highest step's; a region below it may switch to any option that
+    stays under that peak. Within the time model's tie (TIME_TIE of the untiled time) the
+    option of fewest extra MACs wins: MobileNetV2 @1024's plan kept 2x2 tile grids a few
+    milliseconds ahead of strips that recompute nothing (+3.5% MACs where all-strips is
+    +0.0% at a lower measured peak)."""
+    from tilefx.planner import RegionOption, _Candidate, _fewer_macs
+    from tilefx.plans import RegionChoice
+
+    tiles = RegionChoice(("b",), (2, 2))
+    strips = RegionChoice(("b",), (8, 1), stream=4)
+    top = RegionChoice(("c",), (4, 4))
+    o_tiles, o_strips = RegionOption(5.0, 0.010, 1e6, tiles), RegionOption(6.0, 0.012, 0.0, strips)
+    o_top = RegionOption(10.0, 0.0, 2e6, top)
+    region_b = [(5.0, o_tiles, tiles), (6.0, o_strips, strips)]
+    steps_of = {tiles: (5.0, o_tiles, region_b), strips: (6.0, o_strips, region_b),
+                top: (10.0, o_top, [(10.0, o_top, top)])}
+    plan = _Candidate(10.0, 1.0, 3e6, (tiles, top))
+    switched = _fewer_macs(plan, steps_of, slack_s=0.005)
+    assert switched.regions == (strips, top)
+    assert switched.peak_bytes == 10.0
+    assert switched.time_s == pytest.approx(1.002)
+    assert switched.extra_macs == pytest.approx(2e6)
+    assert _fewer_macs(plan, steps_of, slack_s=0.001) == plan  # 2 ms is beyond the tie
+    lower = plan._replace(peak_bytes=5.5)  # strips' step (6.0) would raise this plan's peak
+    assert _fewer_macs(lower, steps_of, slack_s=0.005) == lower

@@ -49,7 +49,7 @@ from .stream_plan import stream_cost, strip_heights
 
 __all__ = ["RegionChoice", "Plan", "Frontier", "RegionOption", "plan", "frontier", "fixed_plan",
            "recompute_tiles", "multipass_tiles", "recompute_variants", "variant_costs", "stream_strips", "STRATEGIES", "MAX_PASSES", "calibrate", "Calibration", "MAX_TILES",
-           "MAX_REGIONS", "MAX_SKIPS", "KNEE_SLOPE", "BUDGET_MARGIN"]
+           "MAX_REGIONS", "MAX_SKIPS", "KNEE_SLOPE", "BUDGET_MARGIN", "TIME_TIE"]
 
 #: Tile counts tried per axis.
 MAX_TILES = 8
@@ -283,7 +283,9 @@ def _search(model: StaticModel, tiles: tuple[int, ...] | None, max_regions: int)
     # A step's peak depends only on what runs in it (the tensors stored across a boundary are
     # full-size whatever ran before), so a plan's peak is the max of its steps' and its time the
     # sum: the Pareto-optimal partial plans up to each boundary combine exactly with every next
-    # step.
+    # step. Every region step by its choice: its peak, its option, and the other options of
+    # the same region (for the tie-break on extra MACs, :func:`_fewer_macs`).
+    steps_of: dict[RegionChoice, tuple[float, RegionOption, list]] = {}
     partial: list[list[_Candidate]] = [[] for _ in bounds]
     partial[0] = [_Candidate(0.0, model.base_time, 0.0, ())]
     for j in range(1, len(bounds)):
@@ -304,10 +306,15 @@ def _search(model: StaticModel, tiles: tuple[int, ...] | None, max_regions: int)
                 continue
             merge = (model.nodes[b.position].name,)
             start = tuple(t.name for t in a.alive)
+            groups = []
             for seg, opts in region_options(a, b):
                 rest, at, out_bytes = model.span_peaks(seg, a, b)
-                steps = [(max(rest, at + o.peak_bytes, at - out_bytes + o.before_outputs_bytes), o,
-                          replace(o.choice, merge=merge, start=start)) for o in opts]
+                groups.append([(max(rest, at + o.peak_bytes, at - out_bytes + o.before_outputs_bytes),
+                                o, replace(o.choice, merge=merge, start=start)) for o in opts])
+            region_steps = [st for steps in groups for st in steps]
+            for pk, o, choice in region_steps:
+                steps_of[choice] = (pk, o, region_steps)
+            for steps in groups:
                 for c in partial[i]:
                     if len(c.regions) >= max_regions:
                         continue
@@ -319,7 +326,44 @@ def _search(model: StaticModel, tiles: tuple[int, ...] | None, max_regions: int)
             by_key.setdefault(key(c), []).append(c)
         partial[j] = [c for group in by_key.values()
                       for c in _thin(pareto(group, lambda c: c.peak_bytes, lambda c: c.time_s))]
-    return [c for c in partial[-1] if c.regions or not tiles]
+    slack = TIME_TIE * model.base_time
+    return [_fewer_macs(c, steps_of, slack) for c in partial[-1] if c.regions or not tiles]
+
+
+#: The time model's tie: plans whose predicted times differ by less than this fraction of the
+#: untiled model's are equally fast as far as the model can tell (its predictions of measured
+#: latency are no closer), and the one that computes less is kept (:func:`_fewer_macs`).
+TIME_TIE = 0.02
+
+
+def _fewer_macs(c: _Candidate, steps_of: dict, slack_s: float) -> _Candidate:
+    """``c`` with regions switched to options that recompute less, at the same peak and within
+    ``slack_s`` seconds of predicted time in all.
+
+    A plan's peak is its highest step's; the regions below it can run any of their options
+    that stays under that peak. Among such options the search keeps the fastest, however
+    small the lead: a 2x2 tile grid a few milliseconds ahead of strips that recompute
+    nothing. Within the time model's tie the option of fewest extra MACs is the better one
+    (recompute is what a faster or a busier machine pays for most), so each region, the most
+    recomputing first, takes the option of fewest extra MACs that fits the slack left.
+    """
+    regions = list(c.regions)
+    time_s, macs, left = c.time_s, c.extra_macs, slack_s
+    order = sorted(range(len(regions)), key=lambda k: -steps_of[regions[k]][1].extra_macs)
+    for k in order:
+        _, o, alternatives = steps_of[regions[k]]
+        fits = [(o2.extra_macs, o2.extra_time_s - o.extra_time_s, ch)
+                for pk, o2, ch in alternatives
+                if pk <= c.peak_bytes and o2.extra_macs < o.extra_macs
+                and o2.extra_time_s - o.extra_time_s <= left]
+        if not fits:
+            continue
+        m2, dt, ch = min(fits, key=lambda f: (f[0], f[1]))
+        regions[k] = ch
+        time_s += dt
+        macs += m2 - o.extra_macs
+        left -= max(dt, 0.0)
+    return c._replace(regions=tuple(regions), time_s=time_s, extra_macs=macs)
 
 
 #: Long skips a plan may compute again (the largest first): one, then the two largest.
