@@ -68,8 +68,9 @@ def _axes(ax: Any, size: tuple[float, float]):
     return fig, fig.add_subplot()
 
 
-def _regions(gm: torch.nn.Module) -> list[tuple[str, TiledRegion]]:
-    return [(n, m) for n, m in gm.named_modules() if isinstance(m, TiledRegion)]
+def _regions(gm: torch.nn.Module, kind: type = TiledRegion) -> list[tuple[str, Any]]:
+    """The (name, module) of every region module of ``kind`` in ``gm``."""
+    return [(n, m) for n, m in gm.named_modules() if isinstance(m, kind)]
 
 
 # --------------------------------------------------------------------------- memory curve
@@ -495,7 +496,7 @@ def plot_strips(gm: torch.nn.Module, x: torch.Tensor, *, region: str | int = 0,
     """
     _mpl()
     name, reg = _pick("plot_strips",
-                      [(n, m) for n, m in gm.named_modules() if isinstance(m, StreamRegion)], region,
+                      _regions(gm, StreamRegion), region,
                       "this module has no streaming region; pass the output of "
                       "passes.stream_rewrite (or tilefx.transform with a streaming plan)")
     spec = reg.spec
