@@ -588,6 +588,15 @@ def _body(model: StaticModel, seg: Segment) -> Body:
     # Scratch memory a node holds while it runs, per output position (a folded channels-last
     # block's hidden MLP activation), beyond the workspace models of ``ops``.
     scratch_pp = np.array([model.info.get(nm, {}).get("transient_pp", 0.0) for nm in names])
+    # A pointwise op reading a stored map from outside the region reads it through a halo crop,
+    # which kernels.halo_crop copies (a narrowed window is not contiguous), alive while it runs:
+    # MobileNetV3's squeeze-and-excitation scale of a stored map held 1.9 MiB more than the
+    # model said at 1024.
+    for i, n in enumerate(seg.nodes):
+        rule = member_rule(n, True)
+        if rule.kind == "pointwise" and not _window(rule):
+            scratch_pp[i] += sum(model.bpp(by_name[src]) for src in dict.fromkeys(s_ for s_, _ in rule.inputs)
+                                 if src not in pos and facts(by_name[src]).sizes is not None)
     col = lambda f, dtype=float: np.array([f(op) for op in ops], dtype=dtype)
     op_arrays = dict(
         pos=col(lambda o: o.position, int), src_bpp=col(lambda o: o.source_bpp),
