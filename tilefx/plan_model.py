@@ -549,14 +549,24 @@ def _body(model: StaticModel, seg: Segment) -> Body:
     for n in seg.nodes:
         for s_, _ in member_rule(n, True).inputs:
             readers[s_] = readers.get(s_, 0) + 1
+    # A pointwise op reading a stored map from outside the region reads it through a halo crop,
+    # which kernels.halo_crop copies (a narrowed window is not contiguous), alive while it runs:
+    # MobileNetV3's squeeze-and-excitation scale of a stored map held 1.9 MiB more than the
+    # model said at 1024. Bytes per output position, per node.
+    crop_pp = np.zeros(len(names))
     for i, n in enumerate(seg.nodes):
         rule: SpatialRule = member_rule(n, True)
         info = model.info.get(n.name, {})
+        if rule.kind == "pointwise" and not _window(rule):
+            crop_pp[i] = sum(model.bpp(by_name[s_]) for s_ in dict.fromkeys(s_ for s_, _ in rule.inputs)
+                             if s_ not in pos and facts(by_name[s_]).sizes is not None)
         if _window(rule) or info.get("kind"):
             src = by_name[rule.inputs[0][0]]
             tm = src.meta.get("tensor_meta")
             cin = tm.shape[1] if hasattr(tm, "shape") and len(tm.shape) > 1 else 1
             s_src = node_storage[pos[src.name]] if src.name in pos else -1
+            conv = info.get("kind") == "conv"
+            traced = input_facts(n, model.gm) if conv else None
             ops.append(WindowOp(
                 position=i, kind=info.get("kind"), source_bpp=model.bpp(src), channels_in=cin,
                 weight_bytes=info.get("w_bytes", 0), out_bpp=model.bpp(n),
@@ -568,9 +578,8 @@ def _body(model: StaticModel, seg: Segment) -> Body:
                 kernel=info.get("kernel", ()), stride=info.get("stride", ()),
                 dilation=info.get("dilation", ()), groups=info.get("groups", 1),
                 itemsize=tm.dtype.itemsize if hasattr(tm, "shape") and tm.dtype == torch.float32 else 0,
-                params=op_params(n, model.gm) if info.get("kind") == "conv" else None,
-                channels_last=bool((input_facts(n, model.gm) or ((), False))[1])
-                if info.get("kind") == "conv" else False))
+                params=op_params(n, model.gm) if conv else None,
+                channels_last=bool(traced and traced[1])))
     macs_pp = np.array([model.info.get(nm, {}).get("macs", 0) / max(math.prod(facts(by_name[nm]).sizes), 1)
                         for nm in names])
     costs = [model.cost(n) for n in seg.nodes]
@@ -586,17 +595,9 @@ def _body(model: StaticModel, seg: Segment) -> Body:
     calls = sum(len(member_rule(n, True).inputs) for n in seg.nodes
                 if _window(member_rule(n, True))) + len(seg.outputs)
     # Scratch memory a node holds while it runs, per output position (a folded channels-last
-    # block's hidden MLP activation), beyond the workspace models of ``ops``.
-    scratch_pp = np.array([model.info.get(nm, {}).get("transient_pp", 0.0) for nm in names])
-    # A pointwise op reading a stored map from outside the region reads it through a halo crop,
-    # which kernels.halo_crop copies (a narrowed window is not contiguous), alive while it runs:
-    # MobileNetV3's squeeze-and-excitation scale of a stored map held 1.9 MiB more than the
-    # model said at 1024.
-    for i, n in enumerate(seg.nodes):
-        rule = member_rule(n, True)
-        if rule.kind == "pointwise" and not _window(rule):
-            scratch_pp[i] += sum(model.bpp(by_name[src]) for src in dict.fromkeys(s_ for s_, _ in rule.inputs)
-                                 if src not in pos and facts(by_name[src]).sizes is not None)
+    # block's hidden MLP activation, a pointwise op's copied crop), beyond the workspace models
+    # of ``ops``.
+    scratch_pp = np.array([model.info.get(nm, {}).get("transient_pp", 0.0) for nm in names]) + crop_pp
     col = lambda f, dtype=float: np.array([f(op) for op in ops], dtype=dtype)
     op_arrays = dict(
         pos=col(lambda o: o.position, int), src_bpp=col(lambda o: o.source_bpp),
