@@ -382,3 +382,21 @@ def test_regions_under_the_peak_take_the_option_that_recomputes_less():
     assert _fewer_macs(plan, steps_of, slack_s=0.001) == plan  # 2 ms is beyond the tie
     lower = plan._replace(peak_bytes=5.5)  # strips' step (6.0) would raise this plan's peak
     assert _fewer_macs(lower, steps_of, slack_s=0.005) == lower
+
+
+def test_max_extra_compute_keeps_to_plans_that_compute_little_again():
+    """``max_extra_compute`` limits the MACs a plan computes twice (tile halos, recomputed
+    skips). The lowest-peak plan of MobileNetV2 @224 recomputes halos; with a limit of zero
+    the choice is a plan that computes every MAC once, still lower than untiled and exact."""
+    model, x, gm = _setup("mobilenet_v2", 224)
+    free = planner.plan(gm, x, max_overhead=100.0, **TIMING)
+    assert free.extra_compute > 0.05
+    once = planner.plan(gm, x, max_overhead=100.0, max_extra_compute=0.0, **TIMING)
+    assert once.extra_compute == 0.0
+    assert once.peak_bytes < once.baseline_peak_bytes
+    assert all(p.extra_compute <= 1e-12 for p in free.frontier.within_compute(0.0))
+    with torch.no_grad():
+        torch.testing.assert_close(_apply(gm, once)(x), model(x))  # float32: rtol 1.3e-6, atol 1e-5
+    with pytest.raises(TilingError, match="max_extra_compute=-0.1"):
+        free.frontier.choose(max_extra_compute=-0.1)
+

@@ -89,7 +89,8 @@ def transform(model: torch.nn.Module, example_inputs: Any = None,
               example_kwargs: dict | None = None, *, merge: Any = None,
               tiles: int | tuple[int, ...] | None = None, halo: bool = True,
               plan: "planner.Plan | None" = None, memory_budget: int | None = None,
-              max_overhead: float | None = None, tune: bool = True) -> GraphModule:
+              max_overhead: float | None = None, max_extra_compute: float | None = None,
+              tune: bool = True) -> GraphModule:
     """Return a GraphModule computing ``model``'s outputs with lower peak activation memory.
 
     The memory-heavy part of the network (the region before the merge node) runs tile by
@@ -113,6 +114,9 @@ def transform(model: torch.nn.Module, example_inputs: Any = None,
         memory_budget: bytes; the fastest plan whose predicted peak fits.
         max_overhead: fraction of extra time allowed over untiled (default
             ``plans.DEFAULT_MAX_OVERHEAD``, 0.15); the lowest peak within it.
+        max_extra_compute: fraction of the model's MACs a plan may compute again (halos of
+            tiles, skips computed again instead of stored), with any of the options above;
+            default: no limit. ``0`` keeps to plans that compute every MAC once (streaming).
         tune: check the time bound by measuring the few plans near it beside the untiled
             model (``tilefx.autotune``; default). ``False`` trusts the time model's
             prediction (faster planning; the bound then holds only as well as the model).
@@ -132,9 +136,11 @@ def transform(model: torch.nn.Module, example_inputs: Any = None,
         if merge is not None or tiles is not None or plan is not None:
             raise  # a user-fixed merge, grid or plan names the whole model's graph
         return _transform_parts(model, inputs, e, halo=halo, memory_budget=memory_budget,
-                                max_overhead=max_overhead, tune=tune)
+                                max_overhead=max_overhead, max_extra_compute=max_extra_compute,
+                                tune=tune)
     if plan is None:
-        plan = _choose(gm, inputs, merge, tiles, memory_budget, max_overhead, tune)
+        plan = _choose(gm, inputs, merge, tiles, memory_budget, max_overhead, tune,
+                       max_extra_compute)
     elif not isinstance(plan, planner.Plan):
         raise TilingError(f"plan= takes a tilefx.planner.Plan (from tilefx.plan), got "
                           f"{type(plan).__name__}")
@@ -220,7 +226,8 @@ def tile_rewrite_copy(gm: GraphModule) -> GraphModule:
 
 def plan(model: torch.nn.Module, example_inputs: Any = None, example_kwargs: dict | None = None,
          *, tiles: int | tuple[int, ...] | None = None, memory_budget: int | None = None,
-         max_overhead: float | None = None, tune: bool = True) -> "planner.Plan":
+         max_overhead: float | None = None, max_extra_compute: float | None = None,
+         tune: bool = True) -> "planner.Plan":
     """Plan the tiling of ``model`` without rewriting it: merge node(s), tile grids, predictions.
 
     The returned :class:`tilefx.planner.Plan` carries the predicted peak (``peak_bytes``,
@@ -240,11 +247,12 @@ def plan(model: torch.nn.Module, example_inputs: Any = None, example_kwargs: dic
     >>> torch.testing.assert_close(gm(x), model(x))
     """
     inputs = _inputs(model, example_inputs, example_kwargs)
-    return _choose(prepare(model, inputs), inputs, None, tiles, memory_budget, max_overhead, tune)
+    return _choose(prepare(model, inputs), inputs, None, tiles, memory_budget, max_overhead, tune,
+                   max_extra_compute)
 
 
 def _choose(gm: GraphModule, inputs: Inputs, merge, tiles, memory_budget, max_overhead,
-            tune: bool = True) -> "planner.Plan":
+            tune: bool = True, max_extra_compute: float | None = None) -> "planner.Plan":
     nsp = inputs.spatial.dim() - 2
     if merge is not None:
         merge_nodes = resolve_merge(gm, merge)
@@ -256,8 +264,9 @@ def _choose(gm: GraphModule, inputs: Inputs, merge, tiles, memory_budget, max_ov
     grid = None if tiles is None else tile_grid(tiles, nsp)
     if not tune or memory_budget is not None:
         return planner.plan(gm, inputs, memory_budget=memory_budget, max_overhead=max_overhead,
-                            tiles=grid)
-    return tuned_plan(gm, inputs, planner.frontier(gm, inputs, tiles=grid), max_overhead)
+                            max_extra_compute=max_extra_compute, tiles=grid)
+    front = planner.frontier(gm, inputs, tiles=grid).within_compute(max_extra_compute)
+    return tuned_plan(gm, inputs, front, max_overhead)
 
 
 def tuned_plan(gm: GraphModule, example_inputs: Any, front: "planner.Frontier",
@@ -303,11 +312,13 @@ class TilePass(PassBase):
     def __init__(self, example_inputs: Any, example_kwargs: dict | None = None, *,
                  merge: Any = None, tiles: int | tuple[int, ...] | None = None,
                  halo: bool = True, plan: Any = None, memory_budget: int | None = None,
-                 max_overhead: float | None = None, tune: bool = True):
+                 max_overhead: float | None = None, max_extra_compute: float | None = None,
+                 tune: bool = True):
         super().__init__()
         self.inputs = as_inputs(example_inputs, example_kwargs)
         self.options = dict(merge=merge, tiles=tiles, halo=halo, plan=plan,
-                            memory_budget=memory_budget, max_overhead=max_overhead, tune=tune)
+                            memory_budget=memory_budget, max_overhead=max_overhead,
+                            max_extra_compute=max_extra_compute, tune=tune)
 
     def call(self, graph_module: torch.nn.Module) -> PassResult:
         before = sum(isinstance(m, (TiledRegion, StreamRegion)) for m in graph_module.modules())

@@ -152,9 +152,9 @@ STRATEGIES: tuple[Callable[[StaticModel, Segment, Any], list[RegionOption]], ...
 
 
 def plan(gm: GraphModule, example_inputs: Any, *, memory_budget: int | None = None,
-         max_overhead: float | None = None, max_regions: int = MAX_REGIONS,
-         calibration: Calibration | None = None, timing: str = "measured",
-         tiles: tuple[int, ...] | None = None) -> Plan:
+         max_overhead: float | None = None, max_extra_compute: float | None = None,
+         max_regions: int = MAX_REGIONS, calibration: Calibration | None = None,
+         timing: str = "measured", tiles: tuple[int, ...] | None = None) -> Plan:
     """Choose a plan for an annotated GraphModule: its regions (merge node(s), tiles or strips,
     passes), the skips it computes again and the primitives of its untiled layers.
 
@@ -179,7 +179,8 @@ def plan(gm: GraphModule, example_inputs: Any, *, memory_budget: int | None = No
     True
     """
     return frontier(gm, example_inputs, max_regions=max_regions, calibration=calibration,
-                    timing=timing, tiles=tiles).choose(memory_budget, max_overhead)
+                    timing=timing, tiles=tiles).choose(memory_budget, max_overhead,
+                                                       max_extra_compute)
 
 
 class _Candidate(NamedTuple):

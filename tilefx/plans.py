@@ -11,7 +11,10 @@ predicted time) and chooses among them:
 * ``max_overhead``: the lowest peak whose predicted time is within ``1 + max_overhead`` of
   the untiled time (plans within :data:`PEAK_TIE` of that peak count as equal, and the fastest
   of them is chosen: a near-tie in peak is never decided by noise in the predicted times);
-* neither: memory first, the same rule with ``max_overhead=DEFAULT_MAX_OVERHEAD``.
+* neither: memory first, the same rule with ``max_overhead=DEFAULT_MAX_OVERHEAD``;
+* ``max_extra_compute`` (with any of the above): only plans whose extra MACs (halos computed
+  again, skips computed again) are at most that fraction of the untiled model's take part
+  (:meth:`Frontier.within_compute`; the untiled model, at none, always does).
 
 ``knee()`` is the other named choice: the plan that maximizes
 ``log(baseline_peak / peak) - KNEE_SLOPE * log(time / baseline_time)``, i.e. where a 1% longer
@@ -214,8 +217,29 @@ class Frontier:
 
         return self._chosen(max(self.plans, key=utility))
 
-    def choose(self, memory_budget: int | None = None, max_overhead: float | None = None) -> Plan:
+    def within_compute(self, max_extra_compute: float | None) -> "Frontier":
+        """The frontier of the plans whose extra MACs are at most ``max_extra_compute`` of the
+        untiled model's (``None``: every plan). The untiled model always qualifies.
+
+        >>> front = Frontier.of([Plan((), 100, 100, 0.0, 1.0, 1.0),
+        ...                      Plan((RegionChoice(("a",), (2, 2)),), 30, 100, 0.2, 1.1, 1.0),
+        ...                      Plan((RegionChoice(("a",), (4, 1), stream=8),), 40, 100, 0.01, 1.05, 1.0)])
+        >>> [p.peak_bytes for p in front.within_compute(0.03)]
+        [100, 40]
+        """
+        if max_extra_compute is None:
+            return self
+        if not max_extra_compute >= 0:  # NaN too
+            raise TilingError(f"max_extra_compute={max_extra_compute!r}: give a fraction of the "
+                              "untiled model's MACs, 0 or more (0: no MAC computed twice)")
+        return Frontier.of(p for p in self.plans
+                           if (p.extra_compute or 0.0) <= max_extra_compute + 1e-12)
+
+    def choose(self, memory_budget: int | None = None, max_overhead: float | None = None,
+               max_extra_compute: float | None = None) -> Plan:
         """The plan the options ask for (the module docstring gives the rule)."""
+        if max_extra_compute is not None:
+            return self.within_compute(max_extra_compute).choose(memory_budget, max_overhead)
         pool = list(self.plans)
         if memory_budget is not None:
             pool = [p for p in pool if p.peak_bytes * (1 + BUDGET_MARGIN) <= memory_budget]
