@@ -400,3 +400,19 @@ def test_max_extra_compute_keeps_to_plans_that_compute_little_again():
     with pytest.raises(TilingError, match="max_extra_compute=-0.1"):
         free.frontier.choose(max_extra_compute=-0.1)
 
+
+def test_a_tuned_choice_is_kept_per_frontier():
+    """The tuned choice is cached per graph and shape; it must also be per frontier. A choice
+    made among the plans that compute nothing twice was returned for the next, unlimited,
+    call (it is also on the full frontier), instead of that frontier's lowest peak."""
+    from tilefx import autotune
+    from tilefx.api import tuned_plan
+
+    _, x, gm = _setup("mobilenet_v2", 128)
+    autotune.clear_tuned()
+    front = planner.frontier(gm, x, **TIMING)
+    limited = tuned_plan(gm, x, front.within_compute(0.0), max_overhead=1e6)
+    assert limited.extra_compute == 0.0
+    free = tuned_plan(gm, x, front, max_overhead=1e6)  # any measured time passes this bound
+    assert free.rewrite == front.lowest_peak().rewrite
+    assert free.extra_compute > 0.0

@@ -280,7 +280,9 @@ def tuned_plan(gm: GraphModule, example_inputs: Any, front: "planner.Frontier",
     def ratio_of(p: "planner.Plan") -> float:
         return autotune.measure_ratio(gm, apply(gm, p), inputs.flat)
 
-    return autotune.choose_measured(front, ratio_of, bound, key=measurement_key(gm, inputs, "tune"))
+    # The choice depends on which plans the frontier offers (a grid, a MAC limit filter them).
+    key = measurement_key(gm, inputs, "tune", tuple(p.rewrite for p in front))
+    return autotune.choose_measured(front, ratio_of, bound, key=key)
 
 
 def _default_grid(gm: GraphModule, merge_nodes: list, nsp: int) -> tuple[int, ...]:
