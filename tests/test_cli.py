@@ -116,6 +116,16 @@ def test_plan_json(tinynets, capsys):
     assert err == ""  # --json keeps stderr quiet too
 
 
+
+def test_plan_json_with_a_mac_limit(tinynets, capsys):
+    """--max-extra-compute reaches the planner: with 0 the chosen plan computes no MAC twice."""
+    code, out, err = run(["plan", f"{tinynets}:build", "--shape", "1,3,96,96", "--json",
+                          "--max-overhead", "100", "--max-extra-compute", "0"], capsys)
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["max_extra_compute"] == 0.0
+    assert data["plan"]["extra_compute"] == 0.0
+
 def test_plan_table_marks_one_chosen_plan_and_names_primitives():
     """Two frontier plans with the same regions (none) but other primitives: only the chosen
     one is starred, and its row says that it changes primitives (it used to read "untiled")."""

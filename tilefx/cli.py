@@ -218,13 +218,15 @@ def _mib(b: float) -> str:
     return f"{b / 2**20:.1f}"
 
 
-def _plan_for(model: Any, x: Any, budget: int | None, max_overhead: float | None) -> tuple[Any, Any]:
+def _plan_for(model: Any, x: Any, budget: int | None, max_overhead: float | None,
+              max_extra_compute: float | None = None) -> tuple[Any, Any]:
     """(plan, annotated GraphModule): capture, check, annotate and ask the planner."""
     from . import planner
     from .api import prepare
 
     gm = prepare(model, x)
-    return planner.plan(gm, x, memory_budget=budget, max_overhead=max_overhead), gm
+    return planner.plan(gm, x, memory_budget=budget, max_overhead=max_overhead,
+                        max_extra_compute=max_extra_compute), gm
 
 
 def _plan_dict(plan: Any) -> dict:
@@ -296,11 +298,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     model = load_model(args.model).to(args.device)
     x = _example(shape, args.device, args.seed)
     progress.stage("tracing and planning")
-    plan, _ = _plan_for(model, x, budget, args.max_overhead)
+    plan, _ = _plan_for(model, x, budget, args.max_overhead, args.max_extra_compute)
     progress.done()
     if args.json:
         out = {"model": args.model, "shape": list(shape), "memory_budget": budget,
-               "max_overhead": args.max_overhead, "plan": _plan_dict(plan),
+               "max_overhead": args.max_overhead, "max_extra_compute": args.max_extra_compute,
+               "plan": _plan_dict(plan),
                "pareto": [_plan_dict(p) for p in _frontier(plan)]}
         print(json.dumps(out, indent=2))
     else:
@@ -375,7 +378,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     with torch.no_grad():
         gm = tilefx.transform(model, x, merge=args.merge, tiles=tiles, memory_budget=budget,
-                              max_overhead=args.max_overhead)
+                              max_overhead=args.max_overhead,
+                              max_extra_compute=args.max_extra_compute)
     transform_s = time.perf_counter() - t0
     progress.stage("checking outputs")
     with torch.no_grad():
@@ -463,6 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--budget", default=None, help="memory budget, e.g. 200MB or 1.5GiB")
         sp.add_argument("--max-overhead", type=float, default=None,
                         help="predicted time allowed over untiled, as a fraction (0.2 = 20%%)")
+        sp.add_argument("--max-extra-compute", type=float, default=None,
+                        help="MACs a plan may compute twice, as a fraction of the model's "
+                             "(0 = every MAC once)")
         sp.add_argument("--device", default="cpu", help="cpu (default) or cuda")
         sp.add_argument("--seed", type=int, default=0, help="seed of the random input and weights")
         sp.add_argument("--json", action="store_true", help="print JSON on stdout")
