@@ -164,11 +164,7 @@ class InputGuards(torch.nn.Module):
         return {**super().__getstate__(), "_fn": None}
 
     def _compile(self):
-        try:
-            from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP as namespace
-        except ImportError:  # pragma: no cover - older or newer torch
-            namespace = {}
-        ns = {**namespace, "math": math, "inf": math.inf}
+        ns = _guard_namespace()
         exprs = [compile(code, "<tilefx guard>", "eval") for code, _ in self.checks]
 
         def fn(args):
@@ -194,6 +190,15 @@ class InputGuards(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"{len(self.checks)} checks, captured for {self.captured}"
+
+
+def _guard_namespace() -> dict[str, Any]:
+    """What a guard's code may call (sympy's functions as export prints them, math)."""
+    try:
+        from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP as namespace
+    except ImportError:  # pragma: no cover - older or newer torch
+        namespace = {}
+    return {**namespace, "math": math, "inf": math.inf}
 
 
 def _source_names(model: torch.nn.Module, inputs: Inputs) -> list[str | None]:
@@ -222,6 +227,7 @@ def _guard_checks(gm: GraphModule, ep: Any, names: list[str], inputs: Inputs,
     ``sources``: the inputs' names in the guards' code, where they differ from ``names``."""
     checks: list[tuple[str, str]] = []
     symbols: dict[str, str] = {}
+    relaxed: list[tuple[str, str, int]] = []  # batch dims allowed below export's range
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     complete = True
     for i, p in enumerate(placeholders):
@@ -252,6 +258,8 @@ def _guard_checks(gm: GraphModule, ep: Any, names: list[str], inputs: Inputs,
                 if d == 0 and lo is not None and math.isfinite(float(lo)):
                     # Export specialises sizes 0 and 1, so a dynamic batch dim starts at 2; the
                     # capture was checked against eager at the example's own batch (1).
+                    if inputs.flat[i].shape[0] < int(lo):
+                        relaxed.append((src, shown, inputs.flat[i].shape[0]))
                     lo = min(int(lo), inputs.flat[i].shape[0])
                 if lo is not None and math.isfinite(float(lo)):
                     checks.append((f"{src} >= {int(lo)}", f"{shown} >= {int(lo)}"))
@@ -269,6 +277,12 @@ def _guard_checks(gm: GraphModule, ep: Any, names: list[str], inputs: Inputs,
         if "L[" in actual:
             complete = False
             continue
+        if relaxed and not eval(actual, _guard_namespace(), {"args": inputs.flat}):
+            # A guard export derived from "batch >= 2" (``s0 != 1`` in some product of sizes)
+            # fails at the example's own batch, where the capture was checked against eager:
+            # it holds for every other batch, the example's batch is allowed as the range is.
+            actual = f"({actual}) or " + " and ".join(f"{src} == {b}" for src, _, b in relaxed)
+            shown = f"({shown}) or " + " and ".join(f"{sh} == {b}" for _, sh, b in relaxed)
         checks.append((actual, shown))
     return checks, complete
 
