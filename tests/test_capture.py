@@ -189,6 +189,41 @@ def test_shape_guards_of_the_model_are_kept():
         gm(torch.randn(1, 3, 64, 50))
 
 
+
+def test_a_guard_that_says_batch_is_not_one_admits_the_example_batch(monkeypatch):
+    """Export specialises sizes 0 and 1, so a dynamic batch starts at 2 and some guards say
+    ``s0 != 1`` inside a product of sizes (mvit_v2_s: ``5376*s0*K//448 != 5376*K//448``). The
+    capture is checked against eager at the example's own batch (1), so such a guard must not
+    refuse it: prepare() refused the very example it had captured."""
+    import tilefx.capture as capture_mod
+
+    real = capture_mod._export
+
+    def export_with_batch_guard(model, inputs):
+        ep, dynamic = real(model, inputs)
+        ep._guards_code = list(getattr(ep, "_guards_code", None) or []) + [
+            "(3*L['x'].size()[0]*L['x'].size()[2]) != (3*L['x'].size()[2])"]
+        return ep, dynamic
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(x).relu()
+
+    monkeypatch.setattr(capture_mod, "_export", export_with_batch_guard)
+    m = Net().eval()
+    gm = capture(m, torch.randn(1, 3, 32, 32))
+    assert gm.meta["tilefx_dynamic"]
+    for x in (torch.randn(1, 3, 40, 48), torch.randn(2, 3, 32, 32)):
+        with torch.no_grad():
+            # float32, one convolution on the same values in the same order: rounding only
+            torch.testing.assert_close(gm(x), m(x), rtol=1e-6, atol=1e-6)
+    guards = next(k for k in gm.modules() if isinstance(k, InputGuards))
+    assert any("or x.shape[0] == 1" in shown for _, shown in guards.checks)
+
 def test_a_sequential_is_captured_with_dynamic_shapes():
     """nn.Sequential's forward takes ``input``, a builtin's name, so export names its
     placeholder ``input_1`` while its guards still say ``L['input']``: the guards were read as
