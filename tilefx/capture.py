@@ -268,6 +268,7 @@ def _guard_checks(gm: GraphModule, ep: Any, names: list[str], inputs: Inputs,
     codes = getattr(ep, "_guards_code", None)
     if codes is None:
         return checks, False
+    ns = _guard_namespace() if relaxed else None  # once: mvit_v2_s has over a thousand guards
     for code in codes:
         actual = shown = code
         for i, name in enumerate(names):
@@ -277,7 +278,7 @@ def _guard_checks(gm: GraphModule, ep: Any, names: list[str], inputs: Inputs,
         if "L[" in actual:
             complete = False
             continue
-        if relaxed and not eval(actual, _guard_namespace(), {"args": inputs.flat}):
+        if relaxed and not eval(actual, ns, {"args": inputs.flat}):
             # A guard export derived from "batch >= 2" (``s0 != 1`` in some product of sizes)
             # fails at the example's own batch, where the capture was checked against eager:
             # it holds for every other batch, the example's batch is allowed as the range is.

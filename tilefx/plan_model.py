@@ -558,8 +558,9 @@ def _body(model: StaticModel, seg: Segment) -> Body:
         rule: SpatialRule = member_rule(n, True)
         info = model.info.get(n.name, {})
         if rule.kind == "pointwise" and not _window(rule):
-            crop_pp[i] = sum(model.bpp(by_name[s_]) for s_ in dict.fromkeys(s_ for s_, _ in rule.inputs)
-                             if s_ not in pos and facts(by_name[s_]).sizes is not None)
+            stored = dict.fromkeys(name for name, _ in rule.inputs if name not in pos)
+            crop_pp[i] = sum(model.bpp(by_name[name]) for name in stored
+                             if facts(by_name[name]).sizes is not None)
         if _window(rule) or info.get("kind"):
             src = by_name[rule.inputs[0][0]]
             tm = src.meta.get("tensor_meta")
