@@ -112,9 +112,9 @@ def choose_measured(front: Frontier, ratio_of: Callable[[Plan], float], max_over
             lo = mid
         else:
             hi = mid
-    # Measured times need not rise along the frontier (EfficientNet-B0 @1024: a plan at 1.05x
-    # between plans at 0.95x and 0.80x): what is left of the budget steps past the failures,
-    # to the lower-peak plans predicted fastest, that is the next ones along the frontier.
+    # Measured times need not rise along the frontier (EfficientNet-B0 @1024: three neighbours
+    # of falling peak ran 1.05x, 0.95x, 0.80x): what is left of the budget steps past the
+    # last failure, to the lower-peak plans predicted fastest, the next ones along the frontier.
     while len(measured) < MAX_TUNED:
         rest = [i for i in range(lo + 1, len(cands)) if i not in measured]
         if not rest:
