@@ -105,6 +105,20 @@ def test_the_untiled_model_is_the_fallback_when_it_is_off_the_frontier():
     assert ("r0",) in calls  # the first plan is a candidate like the others
 
 
+def test_a_grid_the_user_fixed_never_falls_back_to_the_untiled_model():
+    """With ``tiles=`` the frontier holds tiled plans only, and the user asked for tiles: when
+    every candidate measures over the bound the choice is the one that ran fastest; when none
+    was measured (all predicted far over the bound), the fastest predicted, untuned."""
+    front = Frontier.of([Plan(("r0",), 70, 100, 0.0, 1.05, 1.0), Plan(("r1",), 50, 100, 0.0, 1.1, 1.0)])
+    ratios = {("r0",): 1.5, ("r1",): 1.3}
+    p = autotune.choose_measured(front, lambda p: ratios[p.regions], 0.15, allow_untiled=False)
+    assert p.regions == ("r1",) and p.tuned and p.overhead == pytest.approx(0.3)
+    far = Frontier.of([Plan(("r0",), 70, 100, 0.0, 3.0, 1.0), Plan(("r1",), 50, 100, 0.0, 4.0, 1.0)])
+    p = autotune.choose_measured(far, lambda p: pytest.fail("measured a plan predicted 3x"), 0.15,
+                                 allow_untiled=False)
+    assert p.regions == ("r0",) and not p.tuned
+
+
 def test_a_plan_that_saves_almost_nothing_loses_to_the_untiled_model():
     """A plan within PEAK_TIE of the untiled peak that runs slower is not worth it
     (EfficientNet-B0 @224 chose a 1.00x plan that ran at 1.13x)."""

@@ -266,14 +266,16 @@ def _choose(gm: GraphModule, inputs: Inputs, merge, tiles, memory_budget, max_ov
         return planner.plan(gm, inputs, memory_budget=memory_budget, max_overhead=max_overhead,
                             max_extra_compute=max_extra_compute, tiles=grid)
     front = planner.frontier(gm, inputs, tiles=grid).within_compute(max_extra_compute)
-    return tuned_plan(gm, inputs, front, max_overhead)
+    return tuned_plan(gm, inputs, front, max_overhead, allow_untiled=grid is None)
 
 
 def tuned_plan(gm: GraphModule, example_inputs: Any, front: "planner.Frontier",
-               max_overhead: float | None = None) -> "planner.Plan":
+               max_overhead: float | None = None, allow_untiled: bool = True) -> "planner.Plan":
     """The lowest-peak plan of ``front`` whose *measured* latency is within ``1 +
     max_overhead`` of the untiled graph's (default ``plans.DEFAULT_MAX_OVERHEAD``): a few
-    plans near the bound applied and timed beside ``gm`` (``tilefx.autotune``)."""
+    plans near the bound applied and timed beside ``gm`` (``tilefx.autotune``).
+    ``allow_untiled=False`` (a tile grid the user fixed) never falls back to the untiled
+    model."""
     inputs = as_inputs(example_inputs)
     bound = DEFAULT_MAX_OVERHEAD if max_overhead is None else max_overhead
 
@@ -282,7 +284,7 @@ def tuned_plan(gm: GraphModule, example_inputs: Any, front: "planner.Frontier",
 
     # The choice depends on which plans the frontier offers (a grid, a MAC limit filter them).
     key = measurement_key(gm, inputs, "tune", tuple(p.rewrite for p in front))
-    return autotune.choose_measured(front, ratio_of, bound, key=key)
+    return autotune.choose_measured(front, ratio_of, bound, key=key, allow_untiled=allow_untiled)
 
 
 def _default_grid(gm: GraphModule, merge_nodes: list, nsp: int) -> tuple[int, ...]:

@@ -76,11 +76,15 @@ def measure_ratio(baseline: Callable, candidate: Callable, args: tuple,
 
 
 def choose_measured(front: Frontier, ratio_of: Callable[[Plan], float], max_overhead: float,
-                    key: Any = None) -> Plan:
+                    key: Any = None, allow_untiled: bool = True) -> Plan:
     """The lowest-peak plan of ``front`` whose measured latency ratio is within
     ``1 + max_overhead`` (the module docstring gives the search). ``ratio_of(plan)`` measures
-    one plan's latency over the untiled graph's; ``key`` (hashable) caches the choice."""
-    cache_key = None if key is None else (key, round(max_overhead, 6))
+    one plan's latency over the untiled graph's; ``key`` (hashable) caches the choice.
+
+    ``allow_untiled=False`` (the user fixed a tile grid: the frontier holds tiled plans only)
+    keeps the untiled model out: when no plan passes, the choice is the measured plan that ran
+    fastest, or the frontier's fastest predicted plan where none was measured."""
+    cache_key = None if key is None else (key, round(max_overhead, 6), allow_untiled)
     if cache_key is not None and cache_key in _TUNED:
         ident, ratio = _TUNED[cache_key]
         for p in list(front) + [_untiled(front.plans[0])]:
@@ -123,12 +127,18 @@ def choose_measured(front: Frontier, ratio_of: Callable[[Plan], float], max_over
         measured[i] = ratio(cands[i])
         if measured[i] <= limit:
             lo = i
-    if lo < 0:
+    ratio: float | None
+    if lo < 0 and allow_untiled:
         chosen, ratio = untiled, 1.0
+    elif lo < 0:
+        # Nothing passes and the grid is the user's: the fastest as measured, else predicted.
+        chosen, ratio = (min(((cands[i], r) for i, r in measured.items()), key=lambda pr: pr[1])
+                         if measured else (plans[0], None))
     else:
         # Among the measured plans that pass, and the untiled model (ratio 1), peaks within
         # PEAK_TIE count as equal: the faster.
-        passing = [(untiled, 1.0)] + [(cands[i], r) for i, r in measured.items() if r <= limit]
+        passing = [(untiled, 1.0)] if allow_untiled else []
+        passing += [(cands[i], r) for i, r in measured.items() if r <= limit]
         lowest = cands[lo].peak_bytes
         chosen, ratio = min(((p, r) for p, r in passing if p.peak_bytes <= lowest * (1 + PEAK_TIE)),
                             key=lambda pr: (pr[1], pr[0].peak_bytes))
@@ -145,7 +155,8 @@ def _untiled(p: Plan) -> Plan:
                 p.baseline_time_s)
 
 
-def _tuned(front: Frontier, p: Plan, ratio: float) -> Plan:
-    if not any(p.rewrite):
-        return replace(p, frontier=front)  # the untiled model: its time is the baseline's
+def _tuned(front: Frontier, p: Plan, ratio: float | None) -> Plan:
+    if not any(p.rewrite) or ratio is None:
+        # the untiled model (its time is the baseline's), or a plan never measured
+        return replace(p, frontier=front)
     return replace(p, time_s=ratio * p.baseline_time_s, tuned=True, frontier=front)
