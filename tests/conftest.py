@@ -4,6 +4,8 @@ Hypothesis: the "ci" profile (derandomized, no deadline, a modest example count,
 examples printed as reproduction blobs) is loaded when the ``CI`` environment variable is set;
 "dev" otherwise. ``HYPOTHESIS_PROFILE`` overrides both.
 
+Under pytest-xdist (the README's ``-n 2``) every worker runs single-threaded.
+
 ``@pytest.mark.slow`` tests (the full model zoo) are skipped unless ``-m slow`` selects them or
 ``RUN_SLOW=1`` is set.
 """
@@ -31,6 +33,14 @@ settings.register_profile(
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow],
 )
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # The README's test command runs two xdist workers, one per core of a 2-core machine:
+    # each worker (and each notebook kernel it starts, which inherits the environment) takes
+    # one thread, so the two never oversubscribe the cores.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))
 
 
