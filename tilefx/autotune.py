@@ -84,24 +84,24 @@ def choose_measured(front: Frontier, ratio_of: Callable[[Plan], float], max_over
     ``allow_untiled=False`` (the user fixed a tile grid: the frontier holds tiled plans only)
     keeps the untiled model out: when no plan passes, the choice is the measured plan that ran
     fastest, or the frontier's fastest predicted plan where none was measured."""
-    cache_key = None if key is None else (key, round(max_overhead, 6), allow_untiled)
-    if cache_key is not None and cache_key in _TUNED:
-        ident, ratio = _TUNED[cache_key]
-        for p in list(front) + [_untiled(front.plans[0])]:
-            if p.rewrite == ident:
-                return _tuned(front, p, ratio)
-    limit = 1 + max_overhead
     plans = list(front)  # highest peak first
     # The untiled model is the fallback that always runs within the bound (ratio 1). It is
     # off the frontier where the time model predicts a tiled plan faster (EfficientNet-B0
     # @1024: 0.53x): then it is rebuilt from the frontier's baseline, never assumed to be the
     # first plan.
     untiled = next((p for p in plans if not any(p.rewrite)), None) or _untiled(plans[0])
+    cache_key = None if key is None else (key, round(max_overhead, 6), allow_untiled)
+    if cache_key is not None and cache_key in _TUNED:
+        ident, ratio = _TUNED[cache_key]
+        for p in [*plans, untiled]:
+            if p.rewrite == ident:
+                return _tuned(front, p, ratio)
+    limit = 1 + max_overhead
     cands = [p for p in plans if any(p.rewrite)
              and p.time_s <= p.baseline_time_s * limit * SLACK]
     measured: dict[int, float] = {}
 
-    def ratio(p: Plan) -> float:
+    def measure(p: Plan) -> float:
         r = ratio_of(p)
         if CONFIRM_WITHIN * limit < r <= limit:
             r = max(r, ratio_of(p))
@@ -111,7 +111,7 @@ def choose_measured(front: Frontier, ratio_of: Callable[[Plan], float], max_over
     while hi - lo > 1 and len(measured) < MAX_TUNED:
         # The lowest peak first (measured times need not rise along the frontier), then halves.
         mid = hi - 1 if not measured else (lo + hi) // 2
-        measured[mid] = ratio(cands[mid])
+        measured[mid] = measure(cands[mid])
         if measured[mid] <= limit:
             lo = mid
         else:
@@ -120,14 +120,13 @@ def choose_measured(front: Frontier, ratio_of: Callable[[Plan], float], max_over
     # of falling peak ran 1.05x, 0.95x, 0.80x): what is left of the budget steps past the
     # last failure, to the lower-peak plans predicted fastest, the next ones along the frontier.
     while len(measured) < MAX_TUNED:
-        rest = [i for i in range(lo + 1, len(cands)) if i not in measured]
-        if not rest:
+        i = next((i for i in range(lo + 1, len(cands)) if i not in measured), None)
+        if i is None:
             break
-        i = rest[0]
-        measured[i] = ratio(cands[i])
+        measured[i] = measure(cands[i])
         if measured[i] <= limit:
             lo = i
-    ratio: float | None
+    ratio: float | None  # None: the chosen plan was never measured
     if lo < 0 and allow_untiled:
         chosen, ratio = untiled, 1.0
     elif lo < 0:
