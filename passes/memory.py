@@ -172,18 +172,20 @@ def cpu_workspace(node: torch.fx.Node, module: nn.Module | None, args: tuple, kw
     return 0
 
 
-def conv_scratch(params: OpParams, x_shape: tuple, channels_last: bool = False) -> int:
+def conv_scratch(params: OpParams, x_shape: tuple, channels_last: bool = False,
+                 primitive: str | None = None) -> int:
     """Scratch bytes of one CPU convolution on an input of ``x_shape`` (its layout:
-    ``channels_last``), as a streaming strip runs it: the workspace of the primitive ATen's
-    dispatch picks there (:func:`~tilefx.primitives.default_primitive`), the same model
-    :func:`simulate` counts: oneDNN's reorders, or ATen's native im2col columns.
+    ``channels_last``), as a streaming strip runs it: the workspace of ``primitive``, by
+    default the one ATen's dispatch picks there (:func:`~tilefx.primitives.default_primitive`),
+    the same model :func:`simulate` counts: oneDNN's reorders, or ATen's native im2col columns.
 
     >>> from tilefx.primitives import OpParams
     >>> p = OpParams("conv", (512, 512, 3, 3), (1, 1), (0, 0), (1, 1))
     >>> conv_scratch(p, (1, 512, 3, 10))  # native: 512 * 9 rows of 8 columns
     147456
     """
-    return workspace_bytes(default_primitive(params, x_shape), params, x_shape, channels_last) or 0
+    name = primitive or default_primitive(params, x_shape)
+    return workspace_bytes(name, params, x_shape, channels_last) or 0
 
 
 def _op_params(node: torch.fx.Node, args: tuple, kwargs: dict):

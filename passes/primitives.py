@@ -8,7 +8,8 @@ which every chosen node runs the named primitive (``tilefx.primitives``): an ATe
 
 A node is named as in the analysed graph (``tilefx.prepare``). Its copies inside
 :class:`~tilefx.region.TiledRegion` bodies (every pass of a multi-pass region, and the
-approximate mode's region graph) and inside channels-last blocks are found by name and by
+approximate mode's region graph), :class:`~tilefx.stream_region.StreamRegion` stage bodies
+(where it runs on each strip's window) and channels-last blocks are found by name and by
 ``node.meta["tilefx"].origin``, so one choice covers the node wherever it runs. Apply primitives
 after tiling: an emitted primitive is not in the rule table, so it would be a barrier to
 ``tile_rewrite``.
@@ -38,6 +39,7 @@ from ..primitives import (PRIMITIVES, call_operands, candidates_for, emitted_pri
                           refusal)
 from ..region import TiledRegion
 from ..rules import Barrier
+from ..stream_region import StreamRegion
 from .channels_last import ChannelsLastBlock
 from .receptive_field import NodeFacts, Provenance
 
@@ -71,6 +73,9 @@ class _Rewriter:
                               approx_body=(self.graph_module(mod.approx_body)
                                            if mod.approx_body is not None else None),
                               halo=mod.halo, writes=mod.writes, statistics=mod.statistics)
+        elif isinstance(mod, StreamRegion):
+            new = StreamRegion([self.graph_module(s) for s in mod.stages], mod.spec,
+                               mod.spatial_args, mod.position_bytes)
         elif isinstance(mod, ChannelsLastBlock):
             new = ChannelsLastBlock(self.graph_module(mod.body), mod.nsp)
         else:
@@ -131,7 +136,8 @@ class _Rewriter:
 def apply_primitives(gm: GraphModule, choices: Mapping[str, str]) -> GraphModule:
     """Return a copy of ``gm`` in which each node named in ``choices`` runs the primitive it
     maps to (``"onednn"``, ``"native"``, ``"matmul"``, ``"cudnn"``: ``tilefx.primitives``), in
-    the outer graph and in every tiled region's and channels-last block's body.
+    the outer graph and in every tiled region's, streaming region's and channels-last block's
+    body.
 
     An unknown primitive, a name that is no convolution or linear of ``gm``, or a primitive
     that cannot compute its node exactly (``tilefx.primitives.refusal``) is refused with a
@@ -157,7 +163,7 @@ def apply_primitives(gm: GraphModule, choices: Mapping[str, str]) -> GraphModule
         names = sorted(rw.eligible)
         shown = ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "")
         raise TilingError(
-            f"no convolution or linear node named {missing[0]!r} in the graph or its tiled "
+            f"no convolution or linear node named {missing[0]!r} in the graph or its "
             f"regions; the nodes a primitive applies to are: {shown or 'none'}")
     return out
 

@@ -455,3 +455,92 @@ def test_native_lowers_the_weight_reorder_floor():
         assert abs(predicted - measured) <= 0.05 * measured, (choice, predicted, measured)
         peaks[len(choice)] = measured
     assert peaks[0] > 9 * 2**20 > 2 * 2**20 > peaks[2]
+
+
+# ----------------------------------------------------------------------------- streaming regions
+
+
+def _last_stage(c=512, size=32):
+    """ResNet's last stage in miniature: two 512-channel 3x3 convolutions whose 9 MiB of weights
+    oneDNN reorders on every strip's call, where ATen's native path holds a strip's columns."""
+    m = nn.Sequential(nn.Conv2d(64, c, 1), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1), nn.ReLU(),
+                      nn.Conv2d(c, c, 3, padding=1), nn.ReLU()).eval()
+    return m, torch.randn(1, 64, size, size)
+
+
+def test_inside_a_streaming_region():
+    """A choice reaches a convolution inside a streaming region's stage bodies, where it runs on
+    every strip's window (the rewriter used to skip StreamRegion and refused the node)."""
+    from tilefx.passes.stream_rewrite import stream_rewrite
+
+    m, x = _last_stage()
+    streamed = stream_rewrite(tilefx.prepare(m, x), "output", strip=4)
+    choices = {"conv2d_1": "native", "conv2d_2": "native"}
+    out = apply_primitives(streamed, choices)
+    out.graph.lint()
+    assert primitive_nodes(out) == choices
+    code = "".join(s.code for s in out.stream_region_0.stages)
+    assert code.count("_slow_conv2d_forward") == 2
+    assert "_slow_conv2d_forward" not in "".join(s.code for s in streamed.stream_region_0.stages)
+    with torch.no_grad():
+        torch.testing.assert_close(out(x), m(x), **F32)
+        x2 = torch.randn(1, 64, 40, 24)  # another shape: a new strip schedule, same primitives
+        torch.testing.assert_close(out(x2), m(x2), **F32)
+    peaks = {}
+    for name, g in (("default", streamed), ("native", out)):
+        measured, predicted = peak_memory(g, x), simulate(g, x).peak_bytes
+        assert abs(predicted - measured) <= 0.10 * measured, (name, predicted, measured)
+        peaks[name] = measured
+    # oneDNN's 9 MiB reorder beside every strip against 4 rows of native columns (2.3 MiB)
+    assert peaks["native"] < peaks["default"] - 4 * 2**20, peaks
+    assert "conv2d_1 native, conv2d_2 native" in tilefx.explain(out, file=None)
+
+
+@pytest.mark.parametrize("strip", [4, 8])
+def test_the_strip_model_prices_a_leaner_primitive(strip):
+    """The planner's strip model offers the region again with its convolutions on the primitive
+    of least scratch at their strip windows, and predicts that option's peak as measured."""
+    from tilefx.capture import as_inputs
+    from tilefx.cost import calibrate
+    from tilefx.passes.stream_rewrite import stream_rewrite
+    from tilefx.plan_model import StaticModel
+    from tilefx.stream_plan import stream_costs
+
+    m, x = _last_stage()
+    gm = tilefx.prepare(m, x)
+    sm = StaticModel(gm, as_inputs(x), calibrate(), "macs")
+    a, b = sm.boundaries[0], sm.boundaries[-1]
+    seg = sm.segment(a, b)
+    rest, at, _ = sm.span_peaks(seg, a, b)
+    default, lean = stream_costs(sm, seg, strip)
+    assert default.primitives == ()
+    assert dict(lean.primitives) == {"conv2d_1": "native", "conv2d_2": "native"}
+    assert lean.peak_bytes < default.peak_bytes - 3 * 2**20
+    assert lean.extra_time_s > default.extra_time_s  # MACS_TIME_FACTOR: native is slower
+    streamed = stream_rewrite(gm, "output", strip)
+    for cost, g in ((default, streamed), (lean, apply_primitives(streamed, dict(lean.primitives)))):
+        measured = peak_memory(g, x)
+        predicted = max(rest, at + cost.peak_bytes)
+        assert abs(predicted - measured) <= 0.10 * measured, (cost.primitives, predicted, measured)
+
+
+def test_the_planner_streams_on_leaner_primitives():
+    """The frontier streams the last stage with native convolutions, at a lower peak than any
+    stream on oneDNN; the plan's region carries the choice, ``apply`` emits it inside the
+    region, and the result is exact against eager."""
+    m, x = _last_stage()
+    gm = tilefx.prepare(m, x)
+    front = tilefx.planner.frontier(gm, x, timing="macs")
+    streams = [p for p in front if len(p.regions) == 1 and p.regions[0].stream]
+    plan = min(streams, key=lambda p: p.peak_bytes)
+    region, = plan.regions
+    assert dict(region.primitives) == {"conv2d_1": "native", "conv2d_2": "native"}
+    assert all(p.peak_bytes > plan.peak_bytes + 2**20 for p in streams if not p.regions[0].primitives)
+    assert plan.every_primitive == dict(region.primitives)
+    assert "2 layer(s) on another primitive" in plan.label
+    out = tilefx.apply(gm, plan)
+    assert primitive_nodes(out) == dict(region.primitives)
+    with torch.no_grad():
+        torch.testing.assert_close(out(x), m(x), **F32)
+    measured = peak_memory(out, x)
+    assert abs(plan.peak_bytes - measured) <= 0.10 * measured, (plan.peak_bytes, measured)

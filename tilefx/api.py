@@ -21,7 +21,7 @@ from .capture import (Inputs, NotCaptured, as_inputs, capture, keep_calling_conv
                       module_path, outputs_match)
 from .errors import TilingError
 from .passes.channels_last import fold_channels_last
-from .passes.primitives import apply_primitives
+from .passes.primitives import apply_primitives, primitive_nodes
 from .passes.receptive_field import annotate, facts
 from .passes.recompute import recompute_skips
 from .passes.regions import find_region, resolve_merge
@@ -154,7 +154,7 @@ def apply(gm: GraphModule, plan: "planner.Plan", halo: bool = True) -> GraphModu
     again (``passes.recompute``), then its regions in order, each one ``tile_rewrite`` (merge
     node(s), tile grid, the tensors it starts after, whether it runs in passes) or
     ``stream_rewrite`` (a streaming region), then the primitives it chose for untiled layers
-    (``passes.primitives``); ``gm`` is not modified. ``halo=False`` is the
+    and inside its regions (``passes.primitives``); ``gm`` is not modified. ``halo=False`` is the
     approximate mode. The result carries the plan (``explain``).
 
     >>> import torch, torchvision, tilefx
@@ -170,8 +170,8 @@ def apply(gm: GraphModule, plan: "planner.Plan", halo: bool = True) -> GraphModu
             continue
         out = tile_rewrite(out, region.merge, region.tiles, halo=halo, start=region.start,
                            multipass=region.multipass and halo)
-    if plan.primitives:  # after the regions: the chosen nodes stay in the outer graph
-        out = apply_primitives(out, dict(plan.primitives))
+    if plan.every_primitive:  # after the regions: an emitted primitive is a barrier to them
+        out = apply_primitives(out, plan.every_primitive)
     if out is gm:  # nothing worth tiling: an untiled copy, still an ordinary GraphModule
         out = tile_rewrite_copy(gm)
     out.meta["tilefx_plan"] = plan
@@ -484,6 +484,10 @@ def _stream_lines(gm: GraphModule, name: str, region: StreamRegion, call, reader
              "  starts after: " + ", ".join(_named(nodes[i]) if i in nodes else i
                                            for i in spec.region.inputs),
              f"  region outputs: {', '.join(spec.outputs)}"]
+    chosen = {k: v for stage in region.stages for k, v in primitive_nodes(stage).items()}
+    if chosen:
+        lines.append("  primitives other than ATen's default, on every strip: "
+                     + ", ".join(f"{n} {p}" for n, p in sorted(chosen.items())))
     if shape is None or call is None:
         return lines
     nsp = spec.nsp

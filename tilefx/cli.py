@@ -232,7 +232,8 @@ def _plan_for(model: Any, x: Any, budget: int | None, max_overhead: float | None
 def _plan_dict(plan: Any) -> dict:
     return {
         "regions": [{"merge": list(r.merge), "tiles": list(r.tiles), "start": list(r.start),
-                     "multipass": r.multipass, "stream": r.stream} for r in plan.regions],
+                     "multipass": r.multipass, "stream": r.stream,
+                     "primitives": [list(p) for p in r.primitives]} for r in plan.regions],
         "recompute": list(plan.recompute),
         "primitives": [list(p) for p in plan.primitives],
         "label": plan.label,

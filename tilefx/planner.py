@@ -45,7 +45,7 @@ from .passes.regions import tensor_valued
 from .plan_model import MAX_SKIPS, Boundary, Segment, StaticModel, tile_cost
 from .primitive_plan import alternatives, span_options
 from .plans import BUDGET_MARGIN, KNEE_SLOPE, Frontier, Plan, RegionChoice, pareto
-from .stream_plan import stream_cost, strip_heights
+from .stream_plan import stream_costs, strip_heights
 
 __all__ = ["RegionChoice", "Plan", "Frontier", "RegionOption", "plan", "frontier", "fixed_plan",
            "recompute_tiles", "multipass_tiles", "recompute_variants", "variant_costs", "stream_strips", "STRATEGIES", "MAX_PASSES", "calibrate", "Calibration", "MAX_TILES",
@@ -132,16 +132,17 @@ MAX_PASSES = 4
 def stream_strips(model: StaticModel, seg: Segment,
                   tiles: tuple[int, ...] | None) -> list[RegionOption]:
     """The region streamed in strips (every row once, row buffers; ``tilefx.stream_plan``) at
-    a few strip heights: the Pareto-optimal ones. None for a multi-pass region or a user-fixed
-    tile grid."""
+    a few strip heights, each on ATen's default primitives and, where a convolution's scratch
+    on a strip is worth it, on leaner ones: the Pareto-optimal options. None for a multi-pass
+    region or a user-fixed tile grid."""
     if seg.phases is not None or tiles:
         return []
     options = []
     for h in strip_heights(seg):
-        c = stream_cost(model, seg, h)
-        if c is not None:
+        for c in stream_costs(model, seg, h):
             options.append(RegionOption(c.peak_bytes, c.extra_time_s, c.extra_macs, RegionChoice(
-                (), (c.nominal_strips,) + (1,) * (model.nsp - 1), stream=h)))
+                (), (c.nominal_strips,) + (1,) * (model.nsp - 1), stream=h,
+                primitives=c.primitives)))
     return pareto(options, lambda o: o.peak_bytes, lambda o: o.extra_time_s)
 
 #: The ways a region can run; each proposes options for every candidate region (a single-pass

@@ -97,6 +97,10 @@ class RegionChoice:
     #: strips, every row once, with row buffers (``passes.stream_rewrite``); ``tiles`` is then
     #: the strip count at the planned shape. 0: tiles, as the grid says
     stream: int = 0
+    #: ``(node, primitive)``: convolutions inside the region run by a primitive other than
+    #: ATen's default (``tilefx.stream_plan`` prices them per strip), emitted by
+    #: ``passes.primitives`` after the rewrite
+    primitives: tuple[tuple[str, str], ...] = ()
 
     def __str__(self) -> str:
         after = f"{','.join(self.start)} .. " if self.start else ""
@@ -127,7 +131,8 @@ class Plan:
     #: (``passes.recompute``), applied before the regions
     recompute: tuple[str, ...] = ()
     #: ``(node, primitive)``: convolutions and linears run untiled by a primitive other than
-    #: ATen's default (``tilefx.primitive_plan``), emitted by ``passes.primitives``
+    #: ATen's default (``tilefx.primitive_plan``), emitted by ``passes.primitives``; a region's
+    #: own choices are its ``RegionChoice.primitives`` (both: :attr:`every_primitive`)
     primitives: tuple[tuple[str, str], ...] = ()
     #: ``time_s`` was measured when the plan was chosen (``tilefx.autotune``), not predicted
     tuned: bool = False
@@ -137,6 +142,15 @@ class Plan:
         """What the plan does to the graph (regions, recomputed skips, primitives), without its
         predictions: two plans with equal ``rewrite`` produce the same module."""
         return (self.regions, self.recompute, self.primitives)
+
+    @property
+    def every_primitive(self) -> dict[str, str]:
+        """Every primitive the plan chooses, node -> primitive: the untiled layers'
+        (``primitives``) and those inside its regions (``RegionChoice.primitives``)."""
+        chosen = dict(self.primitives)
+        for r in self.regions:
+            chosen.update(r.primitives)
+        return chosen
 
     @property
     def predicted(self) -> bool:
@@ -168,8 +182,8 @@ class Plan:
         what = " then ".join(map(str, self.regions)) if self.regions else "untiled"
         if self.recompute:
             what = f"compute {', '.join(self.recompute)} again; {what}"
-        if self.primitives:
-            what += f"; {len(self.primitives)} layer(s) on another primitive"
+        if self.every_primitive:
+            what += f"; {len(self.every_primitive)} layer(s) on another primitive"
         return what
 
     def __str__(self) -> str:

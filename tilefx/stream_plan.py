@@ -12,7 +12,8 @@ per-node facts.
   outputs. A stage call holds the row-buffer reads it copies (the window with its halo and
   padding), its nodes' new rows until their reader has run (in-place ops and views allocate
   nothing), and its ops' scratch memory: ``passes.memory.conv_scratch`` for convolutions at
-  the strip's shapes (oneDNN's reorders, or ATen's native im2col buffer for small windows),
+  the strip's shapes (oneDNN's reorders, or ATen's native im2col buffer for small windows;
+  or the primitive the option chose, :func:`lean_primitives`),
   two outputs for max pooling, the full product of a transposed convolution before its rows
   are placed, the blends of a linear interpolation. The peak is the largest total over the
   strips' stage calls, in order, as ``passes.memory.simulate`` counts a streaming call.
@@ -29,7 +30,8 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, replace
 
 from torch.fx import Node
 
@@ -38,11 +40,14 @@ from .errors import TilingError
 from .passes.memory import conv_scratch
 from .passes.receptive_field import facts
 from .plan_model import Segment, StaticModel
-from .primitives import input_facts, op_params
+from .primitive_plan import MACS_TIME_FACTOR, MIN_SAVING_BYTES, RELEVANT_SHARE
+from .primitives import (candidates_for, default_primitive, input_facts, op_params,
+                         time_primitives, workspace_bytes)
 from .streaming import StreamSpec, check_streamable, stages_of, strip_rows
 from .tiling import RegionNode, RegionSpec, source_interval
 
-__all__ = ["StreamCost", "stream_spec", "stream_cost", "strip_heights", "STRIP_COUNTS"]
+__all__ = ["StreamCost", "stream_spec", "stream_cost", "stream_costs", "lean_primitives",
+           "strip_heights", "STRIP_COUNTS"]
 
 #: Strip counts tried per candidate region (at the example's shape): the strip heights are
 #: the region's tallest feature map's rows divided by these.
@@ -66,6 +71,8 @@ class StreamCost:
     extra_macs: float
     strips: int
     nominal_strips: int
+    #: ``(node, primitive)``: the region's convolutions on another primitive than ATen's default
+    primitives: tuple[tuple[str, str], ...] = ()
 
 
 def stream_spec(seg: Segment, strip: int) -> StreamSpec:
@@ -119,18 +126,27 @@ class _Op:
 
 def stream_cost(model: StaticModel, seg: Segment, strip: int) -> StreamCost | None:
     """``seg`` streamed in strips of ``strip`` rows (of its tallest feature map) at the
-    example's shape, or None when it cannot be streamed."""
+    example's shape, its convolutions on ATen's default primitives, or None when it cannot be
+    streamed."""
+    costs = stream_costs(model, seg, strip)
+    return costs[0] if costs else None
+
+
+def stream_costs(model: StaticModel, seg: Segment, strip: int) -> list[StreamCost]:
+    """``seg`` streamed in strips of ``strip`` rows: on ATen's default primitives, then, where
+    some convolution has one that holds much less scratch on its strip windows
+    (:func:`lean_primitives`), with those; empty when it cannot be streamed."""
     try:
         spec = stream_spec(seg, strip)
     except TilingError:
-        return None
+        return []
     by_name = {n.name: n for n in seg.nodes}
     outside = {n.name: n for n in model.nodes if n.name in seg.inputs}
     everything = {**outside, **by_name}
     try:
         rows = strip_rows(spec, {k: facts(v).sizes for k, v in outside.items()})
     except TilingError:
-        return None
+        return []
     sizes = rows.sizes
     nsp = spec.nsp
     info = model.info
@@ -201,109 +217,170 @@ def stream_cost(model: StaticModel, seg: Segment, strip: int) -> StreamCost | No
                     last_use[src] = max(last_use.get(src, 0), i)
         last_use[st[-1]] = len(st)  # the write reads it last
 
+    # Each convolution's calls: the window a strip reads of its input, call by call.
+    windows: dict[str, list[tuple[int, ...]]] = {}
+    for j, new in enumerate(rows.new):
+        for n, op in ops.items():
+            if op.conv is not None and n in new:
+                lo, hi = rows.reads[j][(n, op.reads[0][0])]
+                windows.setdefault(n, []).append(
+                    op.conv[0] + (hi - lo,) + read_width[(n, op.reads[0][0])])
     copy_rate = _copy_s_per_byte(model)
     call_s = model.cal.pointwise_call_s
     order = {n.name: i for i, n in enumerate(seg.nodes)}
-    most = held = 0.0
-    pending: dict[str, float] = {}  # new rows kept for this strip's later readers
-    written: set[str] = set()
-    extra_time = extra_macs = 0.0
-    for j, new in enumerate(rows.new):
-        reads = rows.reads[j]
-        # Which reads take a producer's new rows (from its value), and the last one of each.
-        fresh: dict[tuple[str, str], tuple[int, int]] = {}  # (consumer, producer): old, new rows
-        last: dict[str, tuple[int, int, str]] = {}
-        for (c, src), (lo, hi) in reads.items():
-            if stage_of.get(src) == stage_of[c]:
-                continue
-            clo, chi = source_interval(lo, hi, sizes[src][0], pads[c])
-            a_src = new[src][0] if src in new and src not in whole else chi
-            cut = max(clo, min(chi, a_src))
-            fresh[(c, src)] = (cut - clo, chi - cut)
-            if chi > cut:
-                last[src] = max(last.get(src, (-1, -1, "")), (stage_of[c], order[c], c))
-        released: dict[str, list[str]] = {}
-        for src, (_, _, c) in last.items():
-            released.setdefault(c, []).append(src)
-        for k, st in enumerate(spec.stages):
-            out = st[-1]
-            if out not in new:
-                continue
-            extra_time += call_s  # the stage body's call
-            out_at: dict[str, float] = {}
-            peak = 0.0
-            # New rows of earlier stages whose last reader is here: alive until that read.
-            later = sum(pending.get(src, 0.0) for n in st for src in released.get(n, ()))
-            for i, n in enumerate(st):
-                op = ops[n]
-                a, b = new[n]
-                r = b - a
-                transient = 0.0
-                for src, other in op.reads:
-                    if not other:
-                        continue
-                    lo, hi = reads[(n, src)]
-                    old, newer = fresh[(n, src)]
-                    padded = hi - lo != old + newer or not read_full[(n, src)]
-                    # One piece with no padding is a view for a pointwise op (and for any op
-                    # when it is a whole stored map); anything else is copied into one window.
-                    view = not padded and (old == 0 or newer == 0) and (
-                        op.pointwise or (src in whole and lo == 0 and hi == sizes[src][0]))
-                    nb = (hi - lo) * read_rb[(n, src)]
-                    extra_time += call_s + (0.0 if view else nb * copy_rate)
-                    if not view:
-                        transient += nb
-                own = r * op.row_bytes if op.allocates else 0.0
-                ws = 0.0
-                if op.kind == "conv" and op.conv is not None:
-                    src = op.reads[0][0]
-                    lo, hi = reads[(n, src)]
-                    pre, params, channels_last = op.conv
-                    ws = conv_scratch(params, pre + (hi - lo,) + read_width[(n, src)], channels_last)
-                elif op.kind == "maxpool":
-                    ws = 2 * own
-                elif op.kind == "transposed":
-                    src = op.reads[0][0]
-                    lo, hi = reads[(n, src)]
-                    p0, p1 = maps0[n].produced(lo, hi)
-                    ws = 2 * (p1 - p0) * op.row_bytes
-                    extra_time += op.per_pixel_s * ((p1 - p0) - r) * op.row_px
-                    extra_macs += op.macs_per_input_row * (hi - lo)
-                elif op.kind == "interp":
-                    ws = (3 if op.linear else 1) * own
-                live = sum(v for m, v in out_at.items() if last_use.get(m, -1) >= i)
-                peak = max(peak, live + transient + later)  # its reads, copied
-                later -= sum(pending.get(src, 0.0) for src in released.get(n, ()))
-                peak = max(peak, live + transient + own + ws + later)  # the op
-                out_at[n] = own
-            made = 0.0
-            if out in rows.stored[j] and out not in written:
-                written.add(out)
-                made = storage[out]
-            for n in st:
-                for src in released.get(n, ()):
-                    pending.pop(src, None)
-            most = max(most, held + sum(pending.values()) + peak + made)
-            held += made
-            if out in last:  # this strip's readers take its new rows from the value
-                pending[out] = (new[out][1] - new[out][0]) * ops[out].row_bytes
-            s0, s1 = rows.stored[j].get(out, (0, 0))
-            extra_time += call_s + (s1 - s0) * ops[out].row_bytes * copy_rate  # the write
-    # Every node's call per strip it computes in, on the strip's positions, against its call on
-    # the whole map: its fixed cost once per strip, and the cache a strip's rows fit in.
-    for n, node in by_name.items():
-        c = model.cost(node)
-        strip_cost = NodeCost(ops[n].fixed_s, c.per_pixel_s, c.full_s, c.full_px, c.knee_px)
-        calls = [(new[n][1] - new[n][0]) * ops[n].row_px for new in rows.new if n in new]
-        extra_time += sum(strip_cost.time(px) for px in calls) - strip_cost.untiled(sum(calls))
-    for n in by_name:
-        if ops[n].kind == "transposed":
-            extra_macs -= info.get(n, {}).get("macs", 0)
-    buffers = sum(v for n, v in storage.items() if n not in outputs)
-    return StreamCost(peak_bytes=max(most - out_bytes, 0.0), buffer_bytes=buffers,
-                      extra_time_s=extra_time, extra_macs=max(extra_macs, 0.0),
-                      strips=len(rows.new),
-                      nominal_strips=-(-max(sizes[n][0] for n in by_name) // strip))
+
+    def price(chosen: dict[str, tuple[str, float]]) -> StreamCost:
+        """The region with ``chosen`` convolutions (node -> primitive, extra seconds over its
+        calls) on another primitive than ATen's default."""
+        most = held = 0.0
+        pending: dict[str, float] = {}  # new rows kept for this strip's later readers
+        written: set[str] = set()
+        extra_time = extra_macs = 0.0
+        for j, new in enumerate(rows.new):
+            reads = rows.reads[j]
+            # Which reads take a producer's new rows (from its value), and the last one of each.
+            fresh: dict[tuple[str, str], tuple[int, int]] = {}  # (consumer, producer): old, new rows
+            last: dict[str, tuple[int, int, str]] = {}
+            for (c, src), (lo, hi) in reads.items():
+                if stage_of.get(src) == stage_of[c]:
+                    continue
+                clo, chi = source_interval(lo, hi, sizes[src][0], pads[c])
+                a_src = new[src][0] if src in new and src not in whole else chi
+                cut = max(clo, min(chi, a_src))
+                fresh[(c, src)] = (cut - clo, chi - cut)
+                if chi > cut:
+                    last[src] = max(last.get(src, (-1, -1, "")), (stage_of[c], order[c], c))
+            released: dict[str, list[str]] = {}
+            for src, (_, _, c) in last.items():
+                released.setdefault(c, []).append(src)
+            for k, st in enumerate(spec.stages):
+                out = st[-1]
+                if out not in new:
+                    continue
+                extra_time += call_s  # the stage body's call
+                out_at: dict[str, float] = {}
+                peak = 0.0
+                # New rows of earlier stages whose last reader is here: alive until that read.
+                later = sum(pending.get(src, 0.0) for n in st for src in released.get(n, ()))
+                for i, n in enumerate(st):
+                    op = ops[n]
+                    a, b = new[n]
+                    r = b - a
+                    transient = 0.0
+                    for src, other in op.reads:
+                        if not other:
+                            continue
+                        lo, hi = reads[(n, src)]
+                        old, newer = fresh[(n, src)]
+                        padded = hi - lo != old + newer or not read_full[(n, src)]
+                        # One piece with no padding is a view for a pointwise op (and for any op
+                        # when it is a whole stored map); anything else is copied into one window.
+                        view = not padded and (old == 0 or newer == 0) and (
+                            op.pointwise or (src in whole and lo == 0 and hi == sizes[src][0]))
+                        nb = (hi - lo) * read_rb[(n, src)]
+                        extra_time += call_s + (0.0 if view else nb * copy_rate)
+                        if not view:
+                            transient += nb
+                    own = r * op.row_bytes if op.allocates else 0.0
+                    ws = 0.0
+                    if op.kind == "conv" and op.conv is not None:
+                        src = op.reads[0][0]
+                        lo, hi = reads[(n, src)]
+                        pre, params, channels_last = op.conv
+                        ws = conv_scratch(params, pre + (hi - lo,) + read_width[(n, src)],
+                                          channels_last, chosen.get(n, (None,))[0])
+                    elif op.kind == "maxpool":
+                        ws = 2 * own
+                    elif op.kind == "transposed":
+                        src = op.reads[0][0]
+                        lo, hi = reads[(n, src)]
+                        p0, p1 = maps0[n].produced(lo, hi)
+                        ws = 2 * (p1 - p0) * op.row_bytes
+                        extra_time += op.per_pixel_s * ((p1 - p0) - r) * op.row_px
+                        extra_macs += op.macs_per_input_row * (hi - lo)
+                    elif op.kind == "interp":
+                        ws = (3 if op.linear else 1) * own
+                    live = sum(v for m, v in out_at.items() if last_use.get(m, -1) >= i)
+                    peak = max(peak, live + transient + later)  # its reads, copied
+                    later -= sum(pending.get(src, 0.0) for src in released.get(n, ()))
+                    peak = max(peak, live + transient + own + ws + later)  # the op
+                    out_at[n] = own
+                made = 0.0
+                if out in rows.stored[j] and out not in written:
+                    written.add(out)
+                    made = storage[out]
+                for n in st:
+                    for src in released.get(n, ()):
+                        pending.pop(src, None)
+                most = max(most, held + sum(pending.values()) + peak + made)
+                held += made
+                if out in last:  # this strip's readers take its new rows from the value
+                    pending[out] = (new[out][1] - new[out][0]) * ops[out].row_bytes
+                s0, s1 = rows.stored[j].get(out, (0, 0))
+                extra_time += call_s + (s1 - s0) * ops[out].row_bytes * copy_rate  # the write
+        # Every node's call per strip it computes in, on the strip's positions, against its call on
+        # the whole map: its fixed cost once per strip, and the cache a strip's rows fit in.
+        for n, node in by_name.items():
+            c = model.cost(node)
+            strip_cost = NodeCost(ops[n].fixed_s, c.per_pixel_s, c.full_s, c.full_px, c.knee_px)
+            calls = [(new[n][1] - new[n][0]) * ops[n].row_px for new in rows.new if n in new]
+            extra_time += sum(strip_cost.time(px) for px in calls) - strip_cost.untiled(sum(calls))
+        for n in by_name:
+            if ops[n].kind == "transposed":
+                extra_macs -= info.get(n, {}).get("macs", 0)
+        extra_time += sum(dt for _, dt in chosen.values())
+        buffers = sum(v for n, v in storage.items() if n not in outputs)
+        return StreamCost(peak_bytes=max(most - out_bytes, 0.0), buffer_bytes=buffers,
+                          extra_time_s=extra_time, extra_macs=max(extra_macs, 0.0),
+                          strips=len(rows.new),
+                          nominal_strips=-(-max(sizes[n][0] for n in by_name) // strip))
+
+    costs = [price({})]
+    lean = lean_primitives(model, {n: ops[n].conv for n in windows}, windows, by_name)
+    if lean:
+        costs.append(replace(price(lean), primitives=tuple(sorted(
+            (n, name) for n, (name, _) in lean.items()))))
+    return costs
+
+
+def lean_primitives(model: StaticModel, convs: dict[str, tuple], windows: dict[str, list[tuple]],
+                    nodes: dict[str, Node]) -> dict[str, tuple[str, float]]:
+    """The convolutions of a streamed region worth running on another primitive: node ->
+    (the primitive of least scratch at its most frequent strip window, the seconds it adds over
+    all the node's calls; negative when faster).
+
+    On CPU, oneDNN reorders a convolution's weights at every call, and a strip is a call: a
+    512-channel 3x3 holds 9 MiB beside every strip's window, where ATen's native path holds the
+    window's im2col columns. A node is chosen where its primitive saves at least
+    :data:`~tilefx.primitive_plan.MIN_SAVING_BYTES` and a
+    :data:`~tilefx.primitive_plan.RELEVANT_SHARE` of the untiled peak (below that it is never a
+    plan's peak). Its time is measured side by side with the default on that window
+    (``primitives.time_primitives``, cached per shape) with ``timing="measured"``, or scaled by
+    :data:`~tilefx.primitive_plan.MACS_TIME_FACTOR` with ``timing="macs"``.
+    """
+    floor = max(MIN_SAVING_BYTES, RELEVANT_SHARE * model.baseline_peak)
+    chosen = {}
+    for n, (_, params, channels_last) in convs.items():
+        calls = windows[n]
+        shape = Counter(calls).most_common(1)[0][0]
+        default = default_primitive(params, shape)
+        scratch = {c: workspace_bytes(c, params, shape, channels_last)
+                   for c in candidates_for(params)}
+        scratch = {c: b for c, b in scratch.items() if b is not None}
+        if default not in scratch:
+            continue
+        best = min(scratch, key=lambda c: (scratch[c], c != default))
+        if scratch[default] - scratch[best] < floor:
+            continue
+        if model.timing == "measured":
+            t = time_primitives(params, shape, (default, best), channels_last)
+            per_call = t[best] - t[default]
+        else:
+            f0 = MACS_TIME_FACTOR.get(default, 1.0)
+            per_call = (model.untiled_time(nodes[n]) / len(calls)
+                        * (MACS_TIME_FACTOR.get(best, 1.0) - f0) / f0)
+        chosen[n] = (best, per_call * len(calls))
+    return chosen
 
 
 #: A region whose tallest feature map has fewer rows is not streamed: its strips would be a few
