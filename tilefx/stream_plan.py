@@ -15,7 +15,8 @@ per-node facts.
   the strip's shapes (oneDNN's reorders, or ATen's native im2col buffer for small windows;
   or the primitive the option chose, :func:`lean_primitives`),
   two outputs for max pooling, the full product of a transposed convolution before its rows
-  are placed, the blends of a linear interpolation. The peak is the largest total over the
+  are placed, the blends of a linear interpolation, a folded channels-last block's hidden
+  activations (per position, as a tile's). The peak is the largest total over the
   strips' stage calls, in order, as ``passes.memory.simulate`` counts a streaming call.
 * **Time.** Every row is computed once (except the rows a transposed convolution produces
   beyond its window), and each node's call on a strip costs what ``tilefx.cost.NodeCost``
@@ -121,6 +122,7 @@ class _Op:
     fixed_s: float
     per_pixel_s: float
     row_px: int                          # positions per row
+    scratch_pp: float                    # scratch beyond the kind's model, per output position
     macs_per_input_row: float            # a transposed convolution's MACs per input row
 
 
@@ -202,6 +204,7 @@ def stream_costs(model: StaticModel, seg: Segment, strip: int) -> list[StreamCos
             linear=any(getattr(m, "mode", "") == "linear" for _, maps in rule.inputs for m in maps),
             conv=conv, fixed_s=fixed, per_pixel_s=cost.per_pixel_s,
             row_px=math.prod(sizes[n][1:]),
+            scratch_pp=info.get(n, {}).get("transient_pp", 0.0),
             macs_per_input_row=(info.get(n, {}).get("macs", 0) / max(sizes[srcs[0]][0], 1)
                                 if rule.kind == "transposed" else 0.0))
     maps0 = {n: facts(by_name[n]).rule.inputs[0][1][0] for n in by_name
@@ -300,6 +303,8 @@ def stream_costs(model: StaticModel, seg: Segment, strip: int) -> list[StreamCos
                         extra_macs += op.macs_per_input_row * (hi - lo)
                     elif op.kind == "interp":
                         ws = (3 if op.linear else 1) * own
+                    # a folded channels-last block's hidden MLP activations, per position
+                    ws += op.scratch_pp * r * op.row_px
                     live = sum(v for m, v in out_at.items() if last_use.get(m, -1) >= i)
                     peak = max(peak, live + transient + later)  # its reads, copied
                     later -= sum(pending.get(src, 0.0) for src in released.get(n, ()))
