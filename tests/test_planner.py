@@ -416,3 +416,25 @@ def test_a_tuned_choice_is_kept_per_frontier():
     free = tuned_plan(gm, x, front, max_overhead=1e6)  # any measured time passes this bound
     assert free.rewrite == front.lowest_peak().rewrite
     assert free.extra_compute > 0.0
+
+
+def test_a_mac_limit_chooses_among_plans_off_the_peak_time_frontier():
+    """BasicUNet-BN @1024: its skip computed again streams to 24.9 MiB faster than any plan
+    that computes every MAC once streams to 30 MiB, so the peak/time frontier dropped those,
+    and ``max_extra_compute=0.03`` then chose 55.9 MiB (11.45x where 13x was asked)."""
+    from tilefx.plans import Frontier, Plan, RegionChoice
+
+    def streamed(strip):
+        return (RegionChoice(("output",), (1024 // strip, 1), stream=strip),)
+
+    untiled = Plan((), 640, 640, 0.0, 1.0, 1.0)
+    plans = [untiled,
+             Plan(streamed(32), 56, 640, 0.001, 0.49, 1.0),
+             Plan(streamed(8), 38, 640, 0.010, 0.80, 1.0),
+             Plan(streamed(8), 25, 640, 0.143, 0.69, 1.0, recompute=("leaky_relu__1",))]
+    front = Frontier.of(plans)
+    assert [p.peak_bytes for p in front] == [56, 25]  # the 8-row strips are dominated
+    limited = front.within_compute(0.03)
+    assert [p.peak_bytes for p in limited] == [56, 38]
+    assert front.choose(max_overhead=0.1, max_extra_compute=0.03).peak_bytes == 38
+    assert front.choose(max_overhead=0.1).peak_bytes == 25  # without a limit, as before

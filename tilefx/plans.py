@@ -78,6 +78,18 @@ def pareto(items: Iterable[T], peak: Callable[[T], float], time: Callable[[T], f
     return kept
 
 
+def _undominated(plans: list[Plan]) -> list[Plan]:
+    """The plans no other plan matches or beats on peak, predicted time and extra MACs, with
+    one of them strictly better (equal plans: the first)."""
+    def key(p: Plan) -> tuple[float, float, float]:
+        return (p.peak_bytes, p.time_s, p.extra_compute or 0.0)
+
+    keys = [key(p) for p in plans]
+    return [p for i, (p, k) in enumerate(zip(plans, keys))
+            if not any(all(a <= b for a, b in zip(o, k)) and (o != k or j < i)
+                       for j, o in enumerate(keys) if j != i)]
+
+
 @dataclass(frozen=True)
 class RegionChoice:
     """One region: the merge node(s) it ends before, its tile grid, and where it starts.
@@ -203,15 +215,21 @@ class Frontier:
     """
 
     plans: tuple[Plan, ...]
+    #: the plans no other plan beats on peak, predicted time and extra MACs at once: what a MAC
+    #: limit (:meth:`within_compute`) chooses among. A plan that computes every MAC once can
+    #: be off the peak/time frontier (a U-Net whose skip is computed again streams to a lower
+    #: peak in less time) and still be the best plan under the limit.
+    candidates: tuple[Plan, ...] = field(default=(), compare=False, repr=False)
 
     @classmethod
     def of(cls, plans: Iterable[Plan]) -> "Frontier":
-        """The plans no other plan beats on both peak and predicted time."""
-        kept = [replace(p, frontier=None)
-                for p in pareto(plans, lambda p: p.peak_bytes, lambda p: p.time_s)]
+        """The plans no other plan beats on both peak and predicted time (and, kept for
+        :meth:`within_compute`, those no plan beats on extra MACs too)."""
+        plans = [replace(p, frontier=None) for p in plans]
+        kept = pareto(plans, lambda p: p.peak_bytes, lambda p: p.time_s)
         if not kept:
             raise TilingError("the planner found no plan at all; please report this")
-        return cls(tuple(kept))
+        return cls(tuple(kept), tuple(_undominated(plans)))
 
     def __iter__(self) -> Iterator[Plan]:
         return iter(self.plans)
@@ -237,16 +255,19 @@ class Frontier:
 
         >>> front = Frontier.of([Plan((), 100, 100, 0.0, 1.0, 1.0),
         ...                      Plan((RegionChoice(("a",), (2, 2)),), 30, 100, 0.2, 1.1, 1.0),
-        ...                      Plan((RegionChoice(("a",), (4, 1), stream=8),), 40, 100, 0.01, 1.05, 1.0)])
-        >>> [p.peak_bytes for p in front.within_compute(0.03)]
-        [100, 40]
+        ...                      Plan((RegionChoice(("a",), (4, 1), stream=8),), 40, 100, 0.01, 1.05, 1.0),
+        ...                      Plan((RegionChoice(("a",), (8, 1), stream=4),), 35, 100, 0.01, 1.2, 1.0)])
+        >>> [p.peak_bytes for p in front]   # the 4-row strips are slower than the 2x2 tiles
+        [100, 40, 30]
+        >>> [p.peak_bytes for p in front.within_compute(0.03)]   # but compute less
+        [100, 40, 35]
         """
         if max_extra_compute is None:
             return self
         if not max_extra_compute >= 0:  # NaN too
             raise TilingError(f"max_extra_compute={max_extra_compute!r}: give a fraction of the "
                               "untiled model's MACs, 0 or more (0: no MAC computed twice)")
-        return Frontier.of(p for p in self.plans
+        return Frontier.of(p for p in self.candidates or self.plans
                            if (p.extra_compute or 0.0) <= max_extra_compute + 1e-12)
 
     def choose(self, memory_budget: int | None = None, max_overhead: float | None = None,
