@@ -574,3 +574,21 @@ def test_explain_shows_strip_height_and_buffers():
     biggest = max((n for n in rows.capacity if n not in region_of(s).spec.outputs),
                   key=rows.capacity.get)
     assert f"{biggest}: {rows.capacity[biggest]} rows of 64" in text
+
+
+def test_a_mac_limit_reaches_plans_off_the_peak_time_frontier():
+    """A U-Net whose skip is computed again streams to a low peak in less time than the plans
+    that compute every MAC once, so those are off the peak/time frontier. The planner used to
+    keep only that frontier, and ``max_extra_compute`` chose among what was left (BasicUNet-BN
+    @1024 at 0.03: 55.9 MiB, where the strips of 8 rows reach 37.9)."""
+    model = _bn_stats(ThreeLevelUNet()).eval()
+    x = torch.randn(1, 3, 128, 128)
+    gm = tilefx.prepare(model, x)
+    front = tilefx.planner.frontier(gm, x, timing="macs")
+    on_frontier = min(p.peak_bytes for p in front if p.extra_compute <= 0.03)
+    chosen = front.choose(max_overhead=100.0, max_extra_compute=0.03)
+    assert chosen.extra_compute <= 0.03
+    assert chosen.peak_bytes < 0.5 * on_frontier, (chosen.peak_bytes, on_frontier)
+    assert chosen.rewrite not in {p.rewrite for p in front}
+    out = tilefx.apply(gm, chosen)
+    torch.testing.assert_close(out(x), model(x), **FLOAT32)
