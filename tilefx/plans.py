@@ -194,8 +194,9 @@ class Plan:
         what = " then ".join(map(str, self.regions)) if self.regions else "untiled"
         if self.recompute:
             what = f"compute {', '.join(self.recompute)} again; {what}"
-        if self.every_primitive:
-            what += f"; {len(self.every_primitive)} layer(s) on another primitive"
+        chosen = self.every_primitive
+        if chosen:
+            what += f"; {len(chosen)} layer(s) on another primitive"
         return what
 
     def __str__(self) -> str:
