@@ -41,7 +41,7 @@ from .errors import TilingError
 from .passes.memory import conv_scratch
 from .passes.receptive_field import facts
 from .plan_model import Segment, StaticModel
-from .primitive_plan import MACS_TIME_FACTOR, MIN_SAVING_BYTES, RELEVANT_SHARE
+from .primitive_plan import MACS_TIME_FACTOR, MIN_SAVING_BYTES, RELEVANT_SHARE, primitive_extra_s
 from .primitives import (candidates_for, default_primitive, input_facts, op_params,
                          time_primitives, workspace_bytes)
 from .streaming import StreamSpec, check_streamable, stages_of, strip_rows
@@ -359,9 +359,10 @@ def lean_primitives(model: StaticModel, convs: dict[str, tuple], windows: dict[s
     window's im2col columns. A node is chosen where its primitive saves at least
     :data:`~tilefx.primitive_plan.MIN_SAVING_BYTES` and a
     :data:`~tilefx.primitive_plan.RELEVANT_SHARE` of the untiled peak (below that it is never a
-    plan's peak). Its time is measured side by side with the default on that window
-    (``primitives.time_primitives``, cached per shape) with ``timing="measured"``, or scaled by
-    :data:`~tilefx.primitive_plan.MACS_TIME_FACTOR` with ``timing="macs"``.
+    plan's peak). Its time over the default's is measured side by side on that window
+    (``primitives.time_primitives``, cached per shape) with ``timing="measured"``, or taken
+    from :data:`~tilefx.primitive_plan.MACS_TIME_FACTOR` with ``timing="macs"``, and applied
+    to the node's own time (:func:`~tilefx.primitive_plan.primitive_extra_s`).
     """
     floor = max(MIN_SAVING_BYTES, RELEVANT_SHARE * model.baseline_peak)
     chosen = {}
@@ -379,12 +380,12 @@ def lean_primitives(model: StaticModel, convs: dict[str, tuple], windows: dict[s
             continue
         if model.timing == "measured":
             t = time_primitives(params, shape, (default, best), channels_last)
-            per_call = t[best] - t[default]
+            ratio = t[best] / t[default]
         else:
-            f0 = MACS_TIME_FACTOR.get(default, 1.0)
-            per_call = (model.untiled_time(nodes[n]) / len(calls)
-                        * (MACS_TIME_FACTOR.get(best, 1.0) - f0) / f0)
-        chosen[n] = (best, per_call * len(calls))
+            ratio = MACS_TIME_FACTOR.get(best, 1.0) / MACS_TIME_FACTOR.get(default, 1.0)
+        extra = primitive_extra_s(model.untiled_time(nodes[n]), ratio)
+        if extra == extra:  # NaN: the primitive could not be timed here
+            chosen[n] = (best, extra)
     return chosen
 
 
