@@ -201,3 +201,43 @@ def test_explain_shows_the_passes_and_their_statistics():
     assert "group_norm: mean and variance over space per sample and group (2 groups)" in text
     assert "mean: mean over space" in text
     assert "a pass that finds statistics" in text
+
+
+class LayerNormNet(nn.Module):
+    """Layer norms over the whole map: over channels and space (one group per sample), then
+    over space alone (per sample and channel), as ``F.layer_norm(x, x.shape[1:])`` writes it."""
+
+    def __init__(self, affine: bool = False):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 4, 3, padding=1)
+        self.ln = nn.LayerNorm([8, 64, 64], elementwise_affine=affine)
+
+    def forward(self, x):
+        y = self.ln(self.c1(x))
+        y = torch.relu(nn.functional.layer_norm(y, y.shape[2:]))
+        return self.c2(y)
+
+
+@pytest.mark.parametrize("tiles", [2, (3, 2)])
+def test_a_layer_norm_over_space_is_tiled_exactly(tiles):
+    """Its statistics are a group norm's (one group, or one per channel), found in passes; the
+    bright/dark input fails any combination that drops the between-tile term."""
+    m, x = LayerNormNet().eval(), bright_and_dark()
+    gm = tilefx.prepare(m, x)
+    stats = [n.meta["tilefx"].rule.statistic for n in gm.graph.nodes if "layer_norm" in n.name]
+    assert [s.groups for s in stats] == [1, 8]
+    tiled = tile_rewrite(gm, _output(gm), tiles, multipass=True)
+    passes = [n for n in tiled.graph.nodes if n.op == "call_module" and n.target.startswith("tiled_region")]
+    assert len(passes) == 3  # two statistics passes, then the outputs
+    torch.testing.assert_close(tiled(x), m(x), **TOL[torch.float32])
+
+
+def test_a_layer_norm_with_an_affine_over_positions_stays_a_barrier():
+    m, x = LayerNormNet(affine=True).eval(), bright_and_dark()
+    gm = tilefx.prepare(m, x)
+    ln = next(n for n in gm.graph.nodes if "layer_norm" in n.name)
+    rule = ln.meta["tilefx"].rule
+    assert rule.statistic is None and "elementwise_affine=False" in rule.reason
+    # and the planner still gives the exact model
+    torch.testing.assert_close(tilefx.transform(m, x)(x), m(x), **TOL[torch.float32])

@@ -789,6 +789,17 @@ class SpatialNorm(OpEntry):
             groups, weight, bias = a["num_groups"], a["weight"], a["bias"]
         elif ctx.node.target == aten.instance_norm.default and a["use_input_stats"]:
             groups, weight, bias = shape[1], a["weight"], a["bias"]
+        elif ctx.node.target == aten.layer_norm.default and len(shape) == ctx.nsp + 2:
+            # Over the spatial axes (per sample and channel) or over channels and space (per
+            # sample): the moments of an instance norm or of a one-group group norm. An affine
+            # over positions would be a map of its own, cropped per tile: not tiled.
+            k = len(a["normalized_shape"])
+            if k not in (ctx.nsp, ctx.nsp + 1):
+                return Barrier(f"{reason} (over {k} trailing axes, part of the map)", reduction=name)
+            if a["weight"] is not None or a["bias"] is not None:
+                return Barrier(f"{reason}, with an elementwise affine over positions; use "
+                               "elementwise_affine=False or a GroupNorm to tile it", reduction=name)
+            groups, weight, bias = (shape[1] if k == ctx.nsp else 1), None, None
         else:
             return Barrier(reason, reduction=name)
         if not isinstance(groups, int) or not _is_static(a["eps"]) or shape[1] % groups:

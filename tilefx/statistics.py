@@ -6,7 +6,9 @@ pieces partition the map, so halos are never counted twice), and an **applicatio
 pointwise once the statistic is known (the tile body calls ``kernels.reduce_tile`` on each
 owned piece):
 
-* ``group_norm`` and ``instance_norm`` (input statistics): per (sample, group) count, mean and
+* ``group_norm``, ``instance_norm`` (input statistics) and ``layer_norm`` over space without an
+  affine (one group per channel, or one per sample over channels and space): per (sample,
+  group) count, mean and
   M2, combined with Chan's parallel formula, never by averaging per-tile variances; applied by
   ``kernels.norm_apply``, a per-channel affine map;
 * a mean, sum, amax or amin over every spatial axis (squeeze-and-excitation, global pooling):
