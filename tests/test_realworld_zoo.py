@@ -26,6 +26,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import tilefx  # noqa: E402
+import tilefx.measure  # noqa: E402
 from models import FAMILY_PACKAGE, catalogue, names  # noqa: E402
 
 from conftest import assert_same_outputs  # noqa: E402
@@ -94,3 +95,30 @@ def test_realworld_tiles(name):
 @pytest.mark.slow
 def test_expect_tiled_names_exist():
     assert EXPECT_TILED <= set(CATALOGUE)
+
+
+#: Models with squeeze-and-excitation, GroupNorm or InstanceNorm that no benchmark row, test
+#: above or planner constant was tuned on (the statistics benchmark uses torchvision's
+#: EfficientNet-B0, MobileNetV3-Large and RegNetY, MONAI's BasicUNet and the diffusers VAE).
+UNSEEN_STATISTICS = ["timm_ghostnet_100", "timm_seresnext26d_32x4d", "monai_segresnet",
+                     "monai_unet", "monai_dynunet"]
+#: Large enough that lowering the peak pays for the tiles' calls within the default bound.
+STATISTICS_SIZE = 256
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", UNSEEN_STATISTICS)
+def test_unseen_statistics_models_are_tiled_by_default_with_a_lower_measured_peak(name):
+    """The default ``transform(model, x)`` reaches through their statistics over the whole map
+    (a multi-pass region), its outputs equal eager's, and its measured peak is lower."""
+    build, shape, family = catalogue(STATISTICS_SIZE)[name]
+    pytest.importorskip(FAMILY_PACKAGE[family])
+    model = build()
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    gm = tilefx.transform(model, x)
+    plan = gm.meta["tilefx_plan"]
+    assert any(r.multipass for r in plan.regions), f"{name}: {plan.label}"
+    assert_same_outputs(gm, model, x)
+    tiled, eager = tilefx.measure.peak_memory(gm, x), tilefx.measure.peak_memory(model, x)
+    assert tiled < eager, (name, plan.label, tiled, eager)
