@@ -8,9 +8,8 @@ owned piece):
 
 * ``group_norm``, ``instance_norm`` (input statistics) and ``layer_norm`` over space without an
   affine (one group per channel, or one per sample over channels and space): per (sample,
-  group) count, mean and
-  M2, combined with Chan's parallel formula, never by averaging per-tile variances; applied by
-  ``kernels.norm_apply``, a per-channel affine map;
+  group) count, mean and M2, combined with Chan's parallel formula, never by averaging
+  per-tile variances; applied by ``kernels.norm_apply``, a per-channel affine map;
 * a mean, sum, amax or amin over every spatial axis (squeeze-and-excitation, global pooling):
   per-tile sums (or extrema), combined exactly; the result is the reduction's own output, which
   the rest of the graph reads as before.
