@@ -31,7 +31,8 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from .plan_model import StaticModel
 
 __all__ = ["Alternative", "SpanOption", "alternatives", "span_options", "MACS_TIME_FACTOR",
-           "MIN_SAVING_BYTES", "RELEVANT_SHARE", "primitive_extra_s"]
+           "MIN_SAVING_BYTES", "RELEVANT_SHARE", "primitive_extra_s",
+           "macs_time_ratio"]
 
 #: With ``timing="macs"`` (no measurement), a primitive's time relative to ATen's default
 #: primitive: a rough, deterministic stand-in (measured here, native runs a 512-channel 3x3 at
@@ -80,9 +81,14 @@ def primitive_extra_s(node_s: float, ratio: float) -> float:
     >>> primitive_extra_s(0.010, 1.5), primitive_extra_s(0.010, 0.5)
     (0.005, -0.005)
     """
-    if not (ratio == ratio and 0.0 < ratio < math.inf):
+    if not 0.0 < ratio < math.inf:  # NaN too: a primitive that could not be timed
         return math.nan
     return node_s * (ratio - 1.0)
+
+
+def macs_time_ratio(primitive: str, default: str) -> float:
+    """``primitive``'s time over ``default``'s without a measurement (``timing="macs"``)."""
+    return MACS_TIME_FACTOR.get(primitive, 1.0) / MACS_TIME_FACTOR.get(default, 1.0)
 
 
 def alternatives(model: "StaticModel", timing: str) -> dict[int, list[Alternative]]:
@@ -117,8 +123,7 @@ def alternatives(model: "StaticModel", timing: str) -> dict[int, list[Alternativ
             base = timed[default.name].time_s
             extra = {o.name: primitive_extra_s(t, timed[o.name].time_s / base) for o in cheaper}
         else:
-            f0 = MACS_TIME_FACTOR.get(default.name, 1.0)
-            extra = {o.name: primitive_extra_s(t, MACS_TIME_FACTOR.get(o.name, 1.0) / f0)
+            extra = {o.name: primitive_extra_s(t, macs_time_ratio(o.name, default.name))
                      for o in cheaper}
         value = model.baseline_curve[i]
         out[i] = [Alternative(node.name, o.name, value - default.workspace_bytes + o.workspace_bytes,

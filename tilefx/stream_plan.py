@@ -41,7 +41,8 @@ from .errors import TilingError
 from .passes.memory import conv_scratch
 from .passes.receptive_field import facts
 from .plan_model import Segment, StaticModel
-from .primitive_plan import MACS_TIME_FACTOR, MIN_SAVING_BYTES, RELEVANT_SHARE, primitive_extra_s
+from .primitive_plan import (MIN_SAVING_BYTES, RELEVANT_SHARE, macs_time_ratio,
+                             primitive_extra_s)
 from .primitives import (candidates_for, default_primitive, input_facts, op_params,
                          time_primitives, workspace_bytes)
 from .streaming import StreamSpec, check_streamable, stages_of, strip_rows
@@ -382,7 +383,7 @@ def lean_primitives(model: StaticModel, convs: dict[str, tuple], windows: dict[s
             t = time_primitives(params, shape, (default, best), channels_last)
             ratio = t[best] / t[default]
         else:
-            ratio = MACS_TIME_FACTOR.get(best, 1.0) / MACS_TIME_FACTOR.get(default, 1.0)
+            ratio = macs_time_ratio(best, default)
         extra = primitive_extra_s(model.untiled_time(nodes[n]), ratio)
         if extra == extra:  # NaN: the primitive could not be timed here
             chosen[n] = (best, extra)
