@@ -207,12 +207,26 @@ def find_region(gm: GraphModule, merge_nodes: list[Node], start: Iterable[Node] 
     # loop, unless the input is a tensor computed before the region (a graph input, an earlier
     # region's output), a parameter, a shape argument the op's emission ignores, or (multi-
     # pass) a value computed from statistics of the region between its passes.
+    #
+    # Nodes are checked in graph order against the region as it stands: ``after`` and
+    # ``between`` follow every discard. Checked against a stale ``after``, a reader of a node
+    # just discarded (an in-place activation after a barrier) looked like a reader of a region
+    # descendant and went too, or not, depending on the order a ``set`` of nodes iterates in,
+    # which follows their addresses: the same graph gave different regions, and a planned
+    # region could come out empty at rewrite time.
+    position = {n: i for i, n in enumerate(gm.graph.nodes)}
+    outside: list = []  # [after, between] of the region as it stands; emptied by a discard
+
+    def around() -> tuple[set[Node], set[Node]]:
+        if not outside:
+            after = _descendants(region)
+            outside[:] = [after, _between(gm, region, after) if multipass else set()]
+        return outside[0], outside[1]
+
     changed = True
     while changed:
         changed = False
-        after = _descendants(region)
-        between = _between(gm, region, after) if multipass else set()
-        for n in list(region):
+        for n in sorted(region, key=position.__getitem__):
             r: SpatialRule = rule(n)
             srcs = {name for name, _ in r.inputs}
             ignores_args = r.kind in ("reshape", "interp")
@@ -223,6 +237,7 @@ def find_region(gm: GraphModule, merge_nodes: list[Node], start: Iterable[Node] 
                 if u.name in srcs and not hasattr(u.meta.get("tensor_meta"), "shape"):
                     ok = False  # a split's pieces computed outside: no crop applies to a list
                     break
+                after, between = around()
                 if tensor_valued(u) and u not in after and u.op != "get_attr":
                     continue
                 if u in between and u.name not in srcs:
@@ -238,6 +253,7 @@ def find_region(gm: GraphModule, merge_nodes: list[Node], start: Iterable[Node] 
                 ok = src in region and len(src.users) == 1
             if not ok:
                 region.discard(n)
+                outside.clear()
                 changed = True
     order = [n for n in gm.graph.nodes if n in region]
     # Reductions of region tensors that the passes compute (a merge node itself is never one:
@@ -294,7 +310,8 @@ def phases_of(order: list[Node], outputs: list[Node], handled: set[Node],
     passes compute (the norms among ``order`` read their own moments)."""
     inside = set(order)
     index = {n: i for i, n in enumerate(order)}
-    index.update({s: len(order) + k for k, s in enumerate(handled)})
+    ranked = sorted(handled, key=lambda s: (index[s.args[0]], s.name))  # not a set's order
+    index.update({s: len(order) + k for k, s in enumerate(ranked)})
     reads: dict[Node, list[Node]] = {}  # region node -> statistic nodes it reads
     for n in order:
         f = n.meta["tilefx"]

@@ -446,3 +446,45 @@ def test_transform_twice_from_same_model_is_independent():
     b = tilefx.transform(model, x, merge="output", tiles=(3, 1))
     torch.testing.assert_close(a(x), b(x), **FLOAT32)
     copy.deepcopy(a)(x)  # a transformed module survives a deepcopy
+
+
+class NormedUp(nn.Module):
+    """A U-Net's last decoder step, its blocks ending in an instance norm and an in-place
+    activation: the region before ``head`` is the up-convolution and the concatenation (each
+    in-place activation follows a barrier, so it stays outside, and its readers may still run
+    inside, reading it as a tensor computed before the region)."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm_a = nn.InstanceNorm2d(8)
+        self.deep = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.norm_b = nn.InstanceNorm2d(8)
+        self.up = nn.ConvTranspose2d(8, 8, 2, stride=2)
+        self.head = nn.Conv2d(16, 4, 3, padding=1)
+
+    def forward(self, x):
+        skip = F.leaky_relu(self.norm_a(self.down(x)), inplace=True)
+        deep = F.leaky_relu(self.norm_b(self.deep(skip)), inplace=True)
+        return self.head(torch.cat([self.up(deep), skip], 1))
+
+
+def test_the_region_before_a_merge_node_does_not_depend_on_where_its_nodes_live():
+    """The region's closure once depended on the order a ``set`` of nodes iterates in (their
+    addresses): copies of one graph gave ``(conv_transpose2d, cat)``, ``(cat,)`` or nothing, and
+    a plan made on one graph failed to apply to another ("nothing to stream before merge node",
+    MONAI DynUNet). Each deep copy puts the nodes elsewhere in memory."""
+    from tilefx.passes.regions import find_region
+
+    model, x = NormedUp().eval(), torch.randn(1, 3, 32, 32)
+    gm = tilefx.prepare(model, x)
+    merge = next(n.name for n in gm.graph.nodes if n.op == "call_function"
+                 and n.target == torch.ops.aten.conv2d.default and n.args[0].name == "cat")
+    regions = set()
+    for _ in range(32):  # the old closure gave three different regions in 40 copies
+        g = copy.deepcopy(gm)
+        regions.add(tuple(n.name for n in find_region(g, [n for n in g.graph.nodes
+                                                             if n.name == merge])[0]))
+    assert regions == {("conv_transpose2d", "cat")}
+    out = tilefx.transform(model, x, merge=merge, tiles=(2, 2))
+    torch.testing.assert_close(out(x), model(x), **FLOAT32)
