@@ -321,8 +321,11 @@ def _search(model: StaticModel, tiles: tuple[int, ...] | None, max_regions: int)
                     if len(c.regions) >= max_regions:
                         continue
                     for pk, o, choice in steps:
-                        cands.append(_Candidate(max(c.peak_bytes, pk), c.time_s + o.extra_time_s,
-                                                c.extra_macs + o.extra_macs, c.regions + (choice,)))
+                        # _replace: the primitives chosen for the untiled spans before it stay
+                        cands.append(c._replace(peak_bytes=max(c.peak_bytes, pk),
+                                                time_s=c.time_s + o.extra_time_s,
+                                                extra_macs=c.extra_macs + o.extra_macs,
+                                                regions=c.regions + (choice,)))
         by_key: dict[Any, list[_Candidate]] = {}
         for c in cands:
             by_key.setdefault(key(c), []).append(c)
