@@ -96,6 +96,29 @@ def test_between_tile_term_is_what_makes_it_exact():
     assert abs(naive - var.item()) / var.item() > 0.5
 
 
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_moments_of_a_piece_in_bands_are_exact(monkeypatch, groups):
+    """A piece goes through the moments kernel in bands of rows (ATen's group norm kernel,
+    which ``torch.var_mean`` ran 15x slower than): bands of a bright and a dark piece, a
+    constant group (variance 0: eps alone) and a strided view all give the float64 moments of
+    the whole map."""
+    import tilefx.statistics as st
+
+    monkeypatch.setattr(st, "MOMENTS_BAND_ELEMENTS", 5 * 64)  # 5 rows of a 16-column piece
+    x = bright_and_dark((1, 4, 64, 64))
+    x[:, 3] = 7.0  # a constant channel: one group of its own when groups == 4
+    wide = torch.nn.functional.pad(x, (1, 1, 1, 1))
+    acc = Accumulator(Statistic("moments", groups=groups, eps=1e-5), nsp=2)
+    for rows in (slice(0, 29), slice(29, 64)):
+        for cols in (slice(0, 16), slice(16, 64)):
+            r0, c0 = rows.start + 1, cols.start + 1
+            acc.add(wide[..., r0:rows.stop + 1, c0:cols.stop + 1])  # views, as tiles own them
+    ref = x.double().view(1, groups, -1)
+    var, mean = torch.var_mean(ref, dim=-1, correction=0)
+    torch.testing.assert_close(acc.result()[..., 0], mean.float(), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(acc.result()[..., 1], (var + 1e-5).rsqrt().float(), rtol=1e-5, atol=0)
+
+
 def test_the_end_to_end_check_fails_without_the_between_tile_term(monkeypatch):
     """The bright/dark input makes the multi-pass check sensitive to the combination: with
     per-tile variances merely pooled (the between-tile term dropped, as tiled-VAE tools do),

@@ -32,6 +32,12 @@ __all__ = ["Statistic", "Accumulator", "combine_moments", "describe", "KINDS"]
 KINDS = ("moments", "mean", "sum", "amax", "amin")
 
 
+#: Elements per call of the moments kernel (a band of a piece's rows): its copy and output stay
+#: at 512 KiB in float32 whatever the tile (2**16 ran 1.6x slower on 128x128x32 pieces, 2**18
+#: no faster).
+MOMENTS_BAND_ELEMENTS = 1 << 17
+
+
 @dataclass(frozen=True)
 class Statistic:
     """A statistic over every spatial axis of one tensor.
@@ -97,20 +103,17 @@ class Accumulator:
         dims = tuple(range(piece.dim() - nsp, piece.dim()))
         self.dtype = piece.dtype
         if stat.kind == "moments":
-            c = piece.shape[1]
-            # Views only (a tile's owned piece is a strided view of its window; reshaping it
-            # would copy it): split the channels into groups, reduce each group's channels and
-            # positions. Float16 and bfloat16 pieces are upcast (a copy of the piece).
-            x = piece.to(_acc_dtype(piece)).unflatten(1, (stat.groups, c // stat.groups))
-            dims = tuple(range(2, x.dim()))
-            var, mean = torch.var_mean(x, dim=dims, correction=0)
-            count = math.prod(x.shape[2:])
-            mean, m2 = mean.double(), var.double() * count
-            if self.mean is None:
-                self.count, self.mean, self.m2 = count, mean, m2
-                return
-            self.count, self.mean, self.m2 = combine_moments(self.count, self.mean, self.m2,
-                                                             count, mean, m2)
+            # Bands of rows, each through ATen's group norm kernel (a vectorised Welford per
+            # sample and group, the kernel the eager norm runs; its normalised output is
+            # dropped), combined with Chan's formula. torch.var_mean's reduction ran 15x slower
+            # on CPU (1.2 ms for a 256x256x8 piece: a third of SegResNet's multi-pass time);
+            # bands keep the kernel's contiguous copy and output small.
+            axis = piece.dim() - nsp
+            rows = piece.shape[axis]
+            per_row = max(1, piece.numel() // max(rows, 1))
+            band = max(1, min(rows, MOMENTS_BAND_ELEMENTS // per_row))
+            for lo in range(0, rows, band):
+                self._add_moments(piece.narrow(axis, lo, min(band, rows - lo)))
             return
         self.count += math.prod(piece.shape[-nsp:])
         if stat.kind in ("mean", "sum"):
@@ -122,6 +125,23 @@ class Accumulator:
                 self.mean = part
             else:
                 self.mean = (torch.maximum if stat.kind == "amax" else torch.minimum)(self.mean, part)
+
+    def _add_moments(self, piece: torch.Tensor) -> None:
+        n, c = piece.shape[:2]
+        positions = math.prod(piece.shape[2:])
+        if positions == 0:
+            return
+        x = piece.to(_acc_dtype(piece)).contiguous()  # float16 and bfloat16 are upcast
+        groups = self.stat.groups
+        _, mean, rstd = torch.ops.aten.native_group_norm(x, None, None, n, c, positions, groups, 0.0)
+        count = (c // groups) * positions
+        # eps 0: rstd = 1/sqrt(var), infinite for a constant group (var 0)
+        mean, m2 = mean.double(), rstd.double().pow(-2) * count
+        if self.mean is None:
+            self.count, self.mean, self.m2 = count, mean, m2
+            return
+        self.count, self.mean, self.m2 = combine_moments(self.count, self.mean, self.m2,
+                                                         count, mean, m2)
 
     def result(self) -> torch.Tensor:
         """The finished statistic: ``(N, groups, 2)`` mean and reciprocal standard deviation
