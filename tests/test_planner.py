@@ -128,13 +128,20 @@ def test_a_region_keeps_the_primitives_chosen_before_it():
     appended the region, so the plan ran the default primitive and peaked higher than its
     prediction: MobileNetV3-Large @128's lowest-peak plans at 0.55-0.78 of their simulated
     peak (RegNetY-400MF @1024 in BENCHMARKS.md: 19.5 MiB predicted, 27.0 measured). The four
-    lowest-peak plans now agree with the simulator within 10%."""
+    lowest-peak plans now agree with the simulator within 10%. Two threads, as planned on
+    this machine (single-threaded, as under xdist, oneDNN never runs a 1x1 convolution and
+    there is no leaner primitive to choose)."""
     model, x, gm = _setup("mobilenet_v3_large", 128)
-    plans = planner.frontier(gm, x, **TIMING).plans[-4:]
-    assert any(p.primitives and p.regions for p in plans)
-    for p in plans:
-        sim = simulate(_apply(gm, p), x).peak_bytes
-        assert abs(p.peak_bytes - sim) <= 0.10 * sim, (p.label, p.peak_bytes, sim)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        plans = planner.frontier(gm, x, **TIMING).plans[-4:]
+        assert any(p.primitives and p.regions for p in plans)
+        for p in plans:
+            sim = simulate(_apply(gm, p), x).peak_bytes
+            assert abs(p.peak_bytes - sim) <= 0.10 * sim, (p.label, p.peak_bytes, sim)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_str_is_readable():
