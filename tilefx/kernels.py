@@ -117,19 +117,15 @@ def reduce_tile(accumulators: dict, tile: Any, name: str, value: torch.Tensor,
 
 def group_moments(x: torch.Tensor, groups: int, eps: float, nsp: int) -> torch.Tensor:
     """Group moments of a whole stored map, ``(N, groups, 2)``: mean and 1/sqrt(var + eps),
-    accumulated exactly as a multi-pass region's tiles are (float32 or wider, Chan's formula),
-    over bands of rows so that upcasting a float16 map never copies it whole.
+    accumulated exactly as a multi-pass region's tiles are (float32 or wider, Chan's formula;
+    the accumulator takes the map in bands of rows, so a float16 map is never upcast whole).
 
     >>> x = torch.randn(1, 4, 10, 6)
     >>> var, mean = torch.var_mean(x.view(1, 2, -1), dim=-1, correction=0)
     >>> torch.testing.assert_close(group_moments(x, 2, 1e-5, 2)[..., 0], mean)
     """
     acc = Accumulator(Statistic("moments", groups=groups, eps=eps), nsp)
-    axis = x.dim() - nsp
-    rows = x.shape[axis]
-    band = max(1, -(-rows // 8))
-    for lo in range(0, rows, band):
-        acc.add(x.narrow(axis, lo, min(band, rows - lo)))
+    acc.add(x)
     return acc.result()
 
 
