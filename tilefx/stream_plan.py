@@ -184,17 +184,10 @@ def stream_costs(model: StaticModel, seg: Segment, strip: int) -> list[StreamCos
                 conv = (tuple(traced[0][:len(traced[0]) - nsp]), params.tiled(), traced[1])
         srcs = tuple(dict.fromkeys(s for s, _ in rule.inputs))
         cost = model.cost(node)
-        # A strip's call runs the op on full-width rows: its fixed cost is the call itself (and
-        # a convolution's weight reorder), not the small-window inefficiency the fitted fixed
-        # part of a tile's cost also holds.
-        cal = model.cal
-        if kind == "conv":
-            floor = cal.call_s + info.get(n, {}).get("w_bytes", 0) * cal.reorder_s_per_byte
-        elif rule.entry.window and rule.kind != "pad":
-            floor = cal.call_s
-        else:
-            floor = cal.pointwise_call_s
-        fixed = min(cost.fixed_s, floor)
+        # A strip's call pays what a tile's does: the fitted fixed part (the call, its weight
+        # reorder and a small window's lost kernel efficiency: 4-row strips of a 28-wide map
+        # are small windows).
+        fixed = cost.fixed_s
         ops[n] = _Op(
             name=n, stage=stage_of[n],
             reads=tuple((src, stage_of.get(src) != stage_of[n]) for src in srcs),
