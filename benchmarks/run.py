@@ -370,7 +370,9 @@ def _provenance(argv: list[str], wall: float, pending: list[str], failed: list[s
                                                      ("diffusers", "monai", "lightstream", "timm")),
         f"- time model calibration: {cal.call_s * 1e6:.0f} us per window-op call, "
         f"{cal.pointwise_call_s * 1e6:.0f} us per other call, "
-        f"{cal.reorder_s_per_byte * 2**30:.3f} s per GiB of weights reordered (oneDNN); every node "
+        f"{cal.reorder_s_per_byte * 2**30:.3f} s per GiB of weights reordered (oneDNN), "
+        f"{cal.cold_weight_s_per_byte * 2**30:.3f} s per GiB more for weights read from memory "
+        f"(tile loops over more than the {cal.cache_bytes >> 20} MiB cache); every node "
         "timed on the whole map and on tile-sized windows (`tilefx.cost`)",
         f"- wall time of the run: {wall / 60:.1f} min"
         + (f"; **partial**: the run stopped before {', '.join(pending)}" if pending else ""),

@@ -42,7 +42,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .capture import Inputs
-from .cost import Calibration, NodeCost, mac_node_costs, measure_node_costs
+from .cost import Calibration, NodeCost, mac_node_costs, measure_node_costs, weight_reread_s
 from .errors import TilingError
 from .passes.memory import Step, im2col_workspace, liveness, record, uses_onednn
 from .passes.receptive_field import facts
@@ -586,7 +586,11 @@ def _body(model: StaticModel, seg: Segment) -> Body:
     costs = [model.cost(n) for n in seg.nodes]
     knee = np.array([c.knee_px if c.full_s is not None and c.full_px > c.knee_px else np.inf
                      for c in costs])
-    fixed = np.array([c.fixed_s for c in costs])
+    # Each tile calls every layer again after all the others: where their weights together
+    # exceed the cache, every call reads its weights from memory (tilefx.cost.weight_reread_s).
+    w_bytes = [model.info.get(nm, {}).get("w_bytes", 0) for nm in names]
+    fixed = np.array([c.fixed_s + weight_reread_s(model.cal, w, sum(w_bytes))
+                      for c, w in zip(costs, w_bytes)])
     time_pp = np.array([c.per_pixel_s for c in costs])
     at_knee = np.where(np.isfinite(knee), fixed + time_pp * np.where(np.isfinite(knee), knee, 0), 0.0)
     slope = np.array([(c.full_s - a) / (c.full_px - k) if np.isfinite(k) else 0.0
