@@ -587,9 +587,11 @@ def _body(model: StaticModel, seg: Segment) -> Body:
     knee = np.array([c.knee_px if c.full_s is not None and c.full_px > c.knee_px else np.inf
                      for c in costs])
     # Each tile calls every layer again after all the others: where their weights together
-    # exceed the cache, every call reads its weights from memory (tilefx.cost.weight_reread_s).
+    # exceed the CPU's cache, every call reads its weights from memory
+    # (tilefx.cost.weight_reread_s; the calibration is the CPU's, so not on CUDA).
     w_bytes = [model.info.get(nm, {}).get("w_bytes", 0) for nm in names]
-    fixed = np.array([c.fixed_s + weight_reread_s(model.cal, w, sum(w_bytes))
+    loop_weights = sum(w_bytes) if model.workspace == "cpu" else 0
+    fixed = np.array([c.fixed_s + weight_reread_s(model.cal, w, loop_weights)
                       for c, w in zip(costs, w_bytes)])
     time_pp = np.array([c.per_pixel_s for c in costs])
     at_knee = np.where(np.isfinite(knee), fixed + time_pp * np.where(np.isfinite(knee), knee, 0), 0.0)

@@ -172,7 +172,8 @@ def stream_costs(model: StaticModel, seg: Segment, strip: int) -> list[StreamCos
         read_rb[(c, p)] = bpp[p] * math.prod(w)
         read_full[(c, p)] = w == tuple(sizes[p][1:])
     ops: dict[str, _Op] = {}
-    loop_weights = sum(info.get(n, {}).get("w_bytes", 0) for n in by_name)
+    loop_weights = (sum(info.get(n, {}).get("w_bytes", 0) for n in by_name)
+                    if model.workspace == "cpu" else 0)  # the CPU's cache (weight_reread_s)
     for n, node in by_name.items():
         rule = facts(node).rule
         kind = info.get(n, {}).get("kind") or (rule.kind if rule.kind in ("transposed", "interp")
