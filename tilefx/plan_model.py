@@ -159,6 +159,14 @@ class StaticModel:
     def cost(self, n: Node) -> NodeCost:
         return self.costs.get(n.name, NodeCost(0.0, 0.0))
 
+    def reread_s(self, names: list[str]) -> list[float]:
+        """Per node of a tile or strip loop over ``names``: what each call pays to read its
+        weights from memory, the loop's weights together exceeding the CPU's cache
+        (``tilefx.cost.weight_reread_s``; nothing off CPU, whose calibration this is not)."""
+        w = [self.info.get(nm, {}).get("w_bytes", 0) for nm in names]
+        loop = sum(w) if self.workspace == "cpu" else 0
+        return [weight_reread_s(self.cal, b, loop) for b in w]
+
     def untiled_time(self, n: Node) -> float:
         """Seconds of ``n``'s call on the whole map (the untiled model's)."""
         return self.cost(n).untiled(self.positions(n))
@@ -586,13 +594,8 @@ def _body(model: StaticModel, seg: Segment) -> Body:
     costs = [model.cost(n) for n in seg.nodes]
     knee = np.array([c.knee_px if c.full_s is not None and c.full_px > c.knee_px else np.inf
                      for c in costs])
-    # Each tile calls every layer again after all the others: where their weights together
-    # exceed the CPU's cache, every call reads its weights from memory
-    # (tilefx.cost.weight_reread_s; the calibration is the CPU's, so not on CUDA).
-    w_bytes = [model.info.get(nm, {}).get("w_bytes", 0) for nm in names]
-    loop_weights = sum(w_bytes) if model.workspace == "cpu" else 0
-    fixed = np.array([c.fixed_s + weight_reread_s(model.cal, w, loop_weights)
-                      for c, w in zip(costs, w_bytes)])
+    # Each tile calls every layer again after all the others (StaticModel.reread_s).
+    fixed = np.array([c.fixed_s for c in costs]) + np.array(model.reread_s(names))
     time_pp = np.array([c.per_pixel_s for c in costs])
     at_knee = np.where(np.isfinite(knee), fixed + time_pp * np.where(np.isfinite(knee), knee, 0), 0.0)
     slope = np.array([(c.full_s - a) / (c.full_px - k) if np.isfinite(k) else 0.0

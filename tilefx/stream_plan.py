@@ -36,7 +36,7 @@ from dataclasses import dataclass, replace
 
 from torch.fx import Node
 
-from .cost import NodeCost, weight_reread_s
+from .cost import NodeCost
 from .errors import TilingError
 from .passes.memory import conv_scratch
 from .passes.receptive_field import facts
@@ -172,8 +172,7 @@ def stream_costs(model: StaticModel, seg: Segment, strip: int) -> list[StreamCos
         read_rb[(c, p)] = bpp[p] * math.prod(w)
         read_full[(c, p)] = w == tuple(sizes[p][1:])
     ops: dict[str, _Op] = {}
-    loop_weights = (sum(info.get(n, {}).get("w_bytes", 0) for n in by_name)
-                    if model.workspace == "cpu" else 0)  # the CPU's cache (weight_reread_s)
+    reread = dict(zip(by_name, model.reread_s(list(by_name))))
     for n, node in by_name.items():
         rule = facts(node).rule
         kind = info.get(n, {}).get("kind") or (rule.kind if rule.kind in ("transposed", "interp")
@@ -189,9 +188,8 @@ def stream_costs(model: StaticModel, seg: Segment, strip: int) -> list[StreamCos
         # A strip's call pays what a tile's does: the fitted fixed part (the call, its weight
         # reorder and a small window's lost kernel efficiency: 4-row strips of a 28-wide map
         # are small windows), and its weights read from memory where the region's layers
-        # together hold more than the cache (tilefx.cost.weight_reread_s).
-        fixed = cost.fixed_s + weight_reread_s(model.cal, info.get(n, {}).get("w_bytes", 0),
-                                               loop_weights)
+        # together hold more than the cache (StaticModel.reread_s).
+        fixed = cost.fixed_s + reread[n]
         ops[n] = _Op(
             name=n, stage=stage_of[n],
             reads=tuple((src, stage_of.get(src) != stage_of[n]) for src in srcs),
