@@ -48,13 +48,17 @@ __all__ = ["Calibration", "NodeCost", "calibrate", "measure_node_costs", "mac_no
 #: stays quick.
 FULL_MAX_PIXELS = 1024 * 1024
 #: Tile-sized windows the time model measures each node on, as fractions of the map's extent
-#: per axis: grids of 2 to 8 tiles per axis run on windows of about these sizes (the finer pair
-#: for maps of at least :data:`FINE_SCALES_FROM` positions per axis).
-TILE_SCALES = (0.5, 0.25)
-FINE_TILE_SCALES = (0.25, 0.125)
+#: per axis: grids of 2 to 8 tiles per axis run on windows of about these sizes (the finer ones
+#: for maps of at least :data:`FINE_SCALES_FROM` positions per axis). The smallest is an
+#: 8-way split's: a line fitted through larger windows and extrapolated to it missed what a
+#: small window loses (ResNet-50 @224's layer3 on a 7x7 grid, 4x4 windows: its convolutions
+#: predicted at 29 ms over 49 tiles, measured 52 ms alone and 69 ms in the loop).
+TILE_SCALES = (0.5, 0.25, 0.125)
+FINE_TILE_SCALES = (0.25, 0.125, 0.0625)
 FINE_SCALES_FROM = 512
-#: The smallest side of a tile-sized measurement.
-MIN_TILE_SIDE = 16
+#: The smallest side of a tile-sized measurement (a tile's window is a few positions plus its
+#: halo on a 7x7 map).
+MIN_TILE_SIDE = 2
 #: A whole-map run slower than this is timed once (the tile-sized shapes are repeated).
 SLOW_FULL_RUN_S = 2.0
 
@@ -85,15 +89,21 @@ class Calibration:
 class NodeCost:
     """One call of a node as a function of the positions it computes.
 
-    On a tile-sized window a call costs ``fixed_s + per_pixel_s * positions`` (fitted through
-    measurements at tile-sized shapes); beyond ``knee_px`` positions the time runs linearly to
-    ``full_s``, the call measured on the whole map at ``full_px`` positions (where the map no
-    longer fits in cache, a position costs more than on a tile). ``untiled()`` is the whole
-    map's call. A cost with no measurement on the whole map is linear everywhere.
+    On a small window a call costs ``fixed_s + per_pixel_s * positions`` (the line through the
+    two smallest windows measured, up to the second); between the larger windows measured
+    (``knots``: every window's positions and seconds, ascending) it runs linearly from one to
+    the next;
+    beyond ``knee_px`` positions (the largest window) the time runs linearly to ``full_s``, the
+    call measured on the whole map at ``full_px`` positions (where the map no longer fits in
+    cache, a position costs more than on a tile). ``untiled()`` is the whole map's call. A cost
+    with no measurement on the whole map is linear beyond its largest knot.
 
     >>> c = NodeCost(1e-5, 1e-8, full_s=2e-2, full_px=1e6, knee_px=1e5)
     >>> round(c.time(1e4), 9), round(c.untiled(), 9)
     (0.00011, 0.02)
+    >>> k = NodeCost(1e-5, 1e-8, knee_px=400, knots=((100, 1.1e-5), (200, 1.2e-5), (400, 2.2e-5)))
+    >>> round(k.time(150), 9), round(k.time(300), 9)
+    (1.15e-05, 1.7e-05)
     """
 
     fixed_s: float
@@ -101,14 +111,30 @@ class NodeCost:
     full_s: float | None = None
     full_px: float = 0.0
     knee_px: float = math.inf
+    knots: tuple[tuple[float, float], ...] = ()
 
     def time(self, pixels: float) -> float:
         """One call on ``pixels`` positions."""
+        ks = self.knots
+        for (pa, ta), (pb, tb) in zip(ks[1:], ks[2:]):
+            if pa < pixels <= pb:
+                return ta + (tb - ta) * (pixels - pa) / (pb - pa)
         if pixels <= self.knee_px or self.full_s is None or self.full_px <= self.knee_px:
+            if len(ks) > 2 and pixels > ks[1][0]:  # beyond the last knot, no whole map
+                (pa, ta), (pb, tb) = ks[-2], ks[-1]
+                return tb + (tb - ta) * (pixels - pb) / (pb - pa)
             return self.fixed_s + self.per_pixel_s * pixels
-        at_knee = self.fixed_s + self.per_pixel_s * self.knee_px
+        at_knee = self.time(self.knee_px) if len(ks) > 2 else self.fixed_s + self.per_pixel_s * self.knee_px
         slope = (self.full_s - at_knee) / (self.full_px - self.knee_px)
         return at_knee + slope * (pixels - self.knee_px)
+
+    def scaled(self, f: float) -> "NodeCost":
+        """The same call doing ``f`` of the per-position work (its fixed part unchanged)."""
+        def part(t: float) -> float:
+            return self.fixed_s + f * (t - self.fixed_s)
+        return NodeCost(self.fixed_s, f * self.per_pixel_s,
+                        None if self.full_s is None else part(self.full_s),
+                        self.full_px, self.knee_px, tuple((p, part(t)) for p, t in self.knots))
 
     def untiled(self, pixels: float | None = None) -> float:
         """The call on the whole map (``pixels``: its positions, for a cost measured without one)."""
@@ -416,23 +442,31 @@ def _measure(gm: GraphModule, inputs: Inputs, cal: Calibration, weight_bytes: Ma
             continue
         floor = min(_fixed(n, cal, weight_bytes), t1)
         points = sorted(dict(timer.windows.get(n.name, {}).values()).items())  # distinct sizes
-        if len(points) >= 2:
-            (pa, ta), (pb, tb) = points[0], points[-1]
-        elif points:
-            (pa, ta), (pb, tb) = points[0], (p1, t1)
-        else:
+        if not points:
             costs[n.name] = NodeCost(floor, (t1 - floor) / p1, full_s=t1 * scale, full_px=p1 * scale)
             continue
+        if len(points) == 1:
+            points.append((p1, t1))
+        # Noise only slows a call: a window timed slower than a larger one is taken at the
+        # larger one's time.
+        knots, best = [], math.inf
+        for p, t in reversed(points):
+            best = min(best, t)
+            knots.append((p, best))
+        knots.reverse()
+        (pa, ta), (pb, tb) = knots[0], knots[1]
         slope = max((tb - ta) / (pb - pa), 0.0) if pb > pa else 0.0
         # Noise can put the intercept below the call's own cost or above the time.
-        fixed = min(max(tb - slope * pb, floor), tb)
+        fixed = min(max(ta - slope * pa, floor), ta)
         per_pixel = (tb - fixed) / pb
+        pk, tk = knots[-1]
         # The whole map at the example's positions: a measurement at a reduced shape grows
         # linearly (at the rate between the largest window and the map).
-        big_slope = max((t1 - tb) / (p1 - pb), 0.0) if p1 > pb else per_pixel
+        big_slope = max((t1 - tk) / (p1 - pk), 0.0) if p1 > pk else per_pixel
         full_s = t1 + big_slope * (p1 * scale - p1)
         costs[n.name] = NodeCost(fixed, per_pixel, full_s=full_s, full_px=p1 * scale,
-                                 knee_px=pb if pb < p1 else math.inf)
+                                 knee_px=pk if pk < p1 else math.inf,
+                                 knots=tuple(knots) if len(knots) > 2 else ())
     return costs
 
 

@@ -502,13 +502,25 @@ class Body:
     calls_s: float
     scratch_pp: np.ndarray
     op_arrays: dict = None  # ``ops`` as columns (one row per window op), for tile_cost
+    #: per node, the windows measured beyond the two smallest (``NodeCost.knots``): positions
+    #: and seconds, padded with inf; between two of them a call runs linearly
+    knot_px: np.ndarray = None
+    knot_s: np.ndarray = None
 
     def window_time(self, px: np.ndarray) -> np.ndarray:
         """Seconds of every node's call on windows of ``px`` positions (nodes x tiles)."""
         k = self.knee_px[:, None]
         small = self.fixed[:, None] + self.time_pp[:, None] * px
         big = self.at_knee[:, None] + self.slope[:, None] * (px - np.where(np.isfinite(k), k, 0.0))
-        return np.where(px <= k, small, big)
+        out = np.where(px <= k, small, big)
+        for j in range(1, self.knot_px.shape[1] - 1 if self.knot_px is not None else 0):
+            a, b = self.knot_px[:, j, None], self.knot_px[:, j + 1, None]
+            inside = (px > a) & (px <= b)
+            if inside.any():
+                ta, tb = self.knot_s[:, j, None], self.knot_s[:, j + 1, None]
+                with np.errstate(invalid="ignore"):
+                    out = np.where(inside, ta + (tb - ta) * (px - a) / (b - a), out)
+        return out
 
 
 class TileCost(NamedTuple):
@@ -595,11 +607,20 @@ def _body(model: StaticModel, seg: Segment) -> Body:
     knee = np.array([c.knee_px if c.full_s is not None and c.full_px > c.knee_px else np.inf
                      for c in costs])
     # Each tile calls every layer again after all the others (StaticModel.reread_s).
-    fixed = np.array([c.fixed_s for c in costs]) + np.array(model.reread_s(names))
+    reread = np.array(model.reread_s(names))
+    fixed = np.array([c.fixed_s for c in costs]) + reread
     time_pp = np.array([c.per_pixel_s for c in costs])
-    at_knee = np.where(np.isfinite(knee), fixed + time_pp * np.where(np.isfinite(knee), knee, 0), 0.0)
+    at_knee = np.array([c.time(k) if np.isfinite(k) else 0.0 for c, k in zip(costs, knee)])
     slope = np.array([(c.full_s - a) / (c.full_px - k) if np.isfinite(k) else 0.0
                       for c, a, k in zip(costs, at_knee, knee)])
+    at_knee = np.where(np.isfinite(knee), at_knee + reread, 0.0)
+    width = max((len(c.knots) for c in costs), default=0)
+    knot_px = np.full((len(costs), width), np.inf)
+    knot_s = np.full((len(costs), width), np.inf)
+    for i, c in enumerate(costs):
+        if c.knots and np.isfinite(knee[i]):
+            knot_px[i, :len(c.knots)] = [p for p, _ in c.knots]
+            knot_s[i, :len(c.knots)] = [t + reread[i] for _, t in c.knots]
     untiled_s = np.array([model.untiled_time(n) for n in seg.nodes])
     # Per tile: a halo crop per window-op input and a write per region output, each a call.
     calls = sum(len(member_rule(n, True).inputs) for n in seg.nodes
@@ -635,7 +656,7 @@ def _body(model: StaticModel, seg: Segment) -> Body:
     seg.body = Body(held=A, owner=owner, storage_bpp=bpp_storage, ops=ops, macs_pp=macs_pp,
                     fixed=fixed, time_pp=time_pp, knee_px=knee, at_knee=at_knee, slope=slope,
                     untiled_s=untiled_s, calls_s=calls * model.cal.pointwise_call_s,
-                    scratch_pp=scratch_pp, op_arrays=op_arrays)
+                    scratch_pp=scratch_pp, op_arrays=op_arrays, knot_px=knot_px, knot_s=knot_s)
     return seg.body
 
 

@@ -407,8 +407,7 @@ def variant_costs(variant: GraphModule, model: StaticModel) -> dict[str, NodeCos
         if c is None:
             continue
         if role in ("moments", "apply"):
-            c = NodeCost(c.fixed_s, 0.5 * c.per_pixel_s,
-                         None if c.full_s is None else 0.5 * c.full_s, c.full_px, c.knee_px)
+            c = c.scaled(0.5)
         out[n.name] = c
     return out
 

@@ -29,6 +29,7 @@ per-node facts.
 
 from __future__ import annotations
 
+
 import math
 import statistics
 from collections import Counter
@@ -323,7 +324,9 @@ def stream_costs(model: StaticModel, seg: Segment, strip: int) -> list[StreamCos
         # the whole map: its fixed cost once per strip, and the cache a strip's rows fit in.
         for n, node in by_name.items():
             c = model.cost(node)
-            strip_cost = NodeCost(ops[n].fixed_s, c.per_pixel_s, c.full_s, c.full_px, c.knee_px)
+            more = ops[n].fixed_s - c.fixed_s  # its weights read from memory
+            strip_cost = replace(c, fixed_s=ops[n].fixed_s,
+                                 knots=tuple((p, t + more) for p, t in c.knots))
             calls = [(new[n][1] - new[n][0]) * ops[n].row_px for new in rows.new if n in new]
             extra_time += sum(strip_cost.time(px) for px in calls) - strip_cost.untiled(sum(calls))
         for n in by_name:
