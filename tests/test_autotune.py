@@ -54,6 +54,22 @@ def test_the_lowest_peak_candidate_is_measured_first():
     assert p.regions == ("r3",)
 
 
+def test_an_unbounded_overhead_measures_the_lowest_peak_plan_alone():
+    """``max_overhead=float("inf")``: the lowest peak whatever it costs; the one plan measured is
+    the one returned, carrying its measured time (the lowest-peak rows of BENCHMARKS.md)."""
+    ratios = [1.1, 1.4, 2.0, 5.5]
+    front = _front(ratios)
+    calls = []
+
+    def ratio_of(p):
+        calls.append(p.regions)
+        return ratios[int(p.regions[0][1:])]
+
+    p = autotune.choose_measured(front, ratio_of, float("inf"))
+    assert calls == [("r3",)]
+    assert p.regions == ("r3",) and p.tuned and p.time_s == pytest.approx(5.5 * p.baseline_time_s)
+
+
 def test_a_close_pass_is_measured_again_and_the_slower_run_counts():
     """r1 passes by a hair once (1.14 against 1.15), then runs at 1.30: it must not be chosen;
     r0, which passes with room to spare (0.90, below CONFIRM_WITHIN of the bound), is

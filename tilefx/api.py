@@ -114,6 +114,7 @@ def transform(model: torch.nn.Module, example_inputs: Any = None,
         memory_budget: bytes; the fastest plan whose predicted peak fits.
         max_overhead: fraction of extra time allowed over untiled (default
             ``plans.DEFAULT_MAX_OVERHEAD``, 0.15); the lowest peak within it.
+            ``float("inf")``: the lowest peak, its latency measured while planning.
         max_extra_compute: fraction of the model's MACs a plan may compute again (halos of
             tiles, skips computed again instead of stored), with any of the options above;
             default: no limit. ``0`` keeps to plans that compute every MAC once (streaming).
