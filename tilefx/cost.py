@@ -92,11 +92,10 @@ class NodeCost:
     On a small window a call costs ``fixed_s + per_pixel_s * positions`` (the line through the
     two smallest windows measured, up to the second); between the larger windows measured
     (``knots``: every window's positions and seconds, ascending) it runs linearly from one to
-    the next;
-    beyond ``knee_px`` positions (the largest window) the time runs linearly to ``full_s``, the
-    call measured on the whole map at ``full_px`` positions (where the map no longer fits in
-    cache, a position costs more than on a tile). ``untiled()`` is the whole map's call. A cost
-    with no measurement on the whole map is linear beyond its largest knot.
+    the next; beyond ``knee_px`` positions (the largest window) the time runs linearly to
+    ``full_s``, the call measured on the whole map at ``full_px`` positions (where the map no
+    longer fits in cache, a position costs more than on a tile). ``untiled()`` is the whole
+    map's call. A cost with no measurement on the whole map is linear beyond its largest knot.
 
     >>> c = NodeCost(1e-5, 1e-8, full_s=2e-2, full_px=1e6, knee_px=1e5)
     >>> round(c.time(1e4), 9), round(c.untiled(), 9)

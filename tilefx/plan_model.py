@@ -502,8 +502,9 @@ class Body:
     calls_s: float
     scratch_pp: np.ndarray
     op_arrays: dict = None  # ``ops`` as columns (one row per window op), for tile_cost
-    #: per node, the windows measured beyond the two smallest (``NodeCost.knots``): positions
-    #: and seconds, padded with inf; between two of them a call runs linearly
+    #: per node, every window measured (``NodeCost.knots``, weights read from memory added):
+    #: positions and seconds, padded with inf; beyond the second a call runs linearly between
+    #: two of them
     knot_px: np.ndarray = None
     knot_s: np.ndarray = None
 

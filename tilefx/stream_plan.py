@@ -29,7 +29,6 @@ per-node facts.
 
 from __future__ import annotations
 
-
 import math
 import statistics
 from collections import Counter
@@ -37,7 +36,6 @@ from dataclasses import dataclass, replace
 
 from torch.fx import Node
 
-from .cost import NodeCost
 from .errors import TilingError
 from .passes.memory import conv_scratch
 from .passes.receptive_field import facts
