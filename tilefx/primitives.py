@@ -669,6 +669,10 @@ def _operands(p: OpParams, shape: tuple[int, ...], channels_last: bool):
         x = x.contiguous(memory_format=fmt[x.dim()])
     if p.weight_channels_last and w.dim() in fmt:
         w = w.contiguous(memory_format=fmt[w.dim()])
+    # Parameters, as a module's are: they require grad, which changes dispatch under no_grad too
+    # (torch.matmul copies its input where the weight requires grad).
+    w = torch.nn.Parameter(w)
+    b = None if b is None else torch.nn.Parameter(b)
     return x, w, b
 
 
