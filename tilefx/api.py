@@ -280,8 +280,8 @@ def tuned_plan(gm: GraphModule, example_inputs: Any, front: "planner.Frontier",
     inputs = as_inputs(example_inputs)
     bound = DEFAULT_MAX_OVERHEAD if max_overhead is None else max_overhead
 
-    def ratio_of(p: "planner.Plan") -> float:
-        return autotune.measure_ratio(gm, apply(gm, p), inputs.flat)
+    def ratio_of(p: "planner.Plan", repeats: int) -> float:
+        return autotune.measure_ratio(gm, apply(gm, p), inputs.flat, repeats)
 
     # The choice depends on which plans the frontier offers (a grid, a MAC limit filter them).
     key = measurement_key(gm, inputs, "tune", tuple(p.rewrite for p in front))
