@@ -8,6 +8,8 @@ order, ~1e-6 relative; rtol=atol=1e-4 leaves room for that and catches a wrong w
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 import torchvision
@@ -90,7 +92,7 @@ def test_a_close_pass_is_measured_again_and_the_slower_run_counts():
     assert calls.count(("r1",)) == 2 and calls.count(("r0",)) == 2
 
 
-def test_the_chosen_plan_carries_its_verifying_run_not_its_lucky_one():
+def test_the_chosen_plan_carries_its_verifying_run_not_its_lucky_one(caplog):
     """The winner's curse: the search keeps the plan whose run came out low. The time the
     chosen plan carries is an independent run of at least VERIFY_REPEATS rounds (DenseNet-121
     @1024's lowest-peak plan tuned at 3.77x on 3 rounds and ran 2.59x)."""
@@ -102,9 +104,13 @@ def test_the_chosen_plan_carries_its_verifying_run_not_its_lucky_one():
         calls.append((p.regions, repeats))
         return runs[p.regions].pop(0)
 
-    p = autotune.choose_measured(front, ratio_of, 0.15)
+    with caplog.at_level(logging.DEBUG, logger="tilefx.autotune"):
+        p = autotune.choose_measured(front, ratio_of, 0.15)
     assert p.regions == ("r2",) and p.tuned and p.overhead == pytest.approx(0.05)
     assert calls[-1][0] == ("r2",) and calls[-1][1] >= autotune.VERIFY_REPEATS
+    # every measurement is logged, the verifying run by name
+    assert len(caplog.records) == len(calls)
+    assert caplog.records[-1].getMessage().startswith("verified r2: 1.050x")
 
 
 def test_a_plan_over_the_bound_on_its_verifying_run_is_dropped_for_the_next_pass():
@@ -119,6 +125,7 @@ def test_a_plan_over_the_bound_on_its_verifying_run_is_dropped_for_the_next_pass
 def test_when_every_verifying_run_fails_the_choice_is_the_untiled_model():
     front = _front([1.0, 1.0, 1.0])
     runs = {("r0",): [0.8, 1.4], ("r1",): [0.8, 1.3], ("r2",): [0.85, 1.30]}
+    assert autotune.MAX_VERIFIED == 3  # the runs above fail three verifications
     calls = []
 
     def ratio_of(p, repeats):
@@ -127,14 +134,16 @@ def test_when_every_verifying_run_fails_the_choice_is_the_untiled_model():
 
     p = autotune.choose_measured(front, ratio_of, 0.15)
     assert p.regions == () and not p.tuned
-    assert len(calls) == 3 + autotune.MAX_VERIFIED  # r0 left unverified: the budget is spent
+    assert len(calls) == 3 + autotune.MAX_VERIFIED  # the search's 3, then r2, r1, r0 verified
 
 
-@pytest.mark.parametrize("time_s, want", [(1.0, autotune.VERIFY_REPEATS), (0.01, 25), (0.1, 15)])
-def test_the_verifying_run_lasts_about_verify_s(time_s, want):
-    """Short plans get more rounds (noise is larger against a 10 ms run), bounded both ways."""
+@pytest.mark.parametrize("time_s, search, verify", [(1.0, 3, 5), (0.01, 15, 25), (0.1, 3, 15)])
+def test_short_plans_are_timed_for_more_rounds(time_s, search, verify):
+    """About SEARCH_S (0.5 s) of rounds while searching and VERIFY_S (3 s) to verify, by the
+    predicted times of the plan and the untiled graph, bounded both ways: a 3-round ratio of
+    a 25 ms plan is noise-bound."""
     p = Plan(("a",), 50, 100, 0.0, time_s, time_s)
-    assert autotune.verify_repeats(p) == want
+    assert (autotune.search_repeats(p), autotune.verify_repeats(p)) == (search, verify)
 
 
 def test_the_plans_past_the_last_failure_are_measured_with_the_budget_left():

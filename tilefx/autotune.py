@@ -14,7 +14,8 @@ runs, so the default choice measures instead of trusting the prediction near the
   within the bound, and what is left of :data:`MAX_TUNED` measures the plans just past its
   last failure (a plan that fails can sit between two that pass); each plan is applied and
   timed interleaved with the untiled graph (``tilefx.measure.latency``: medians of
-  alternating runs, so load hits both);
+  alternating runs, so load hits both), for about :data:`SEARCH_S` seconds (at least
+  :data:`REPEATS` rounds);
 * the untiled model (ratio 1, never measured) is the fallback when no candidate passes, also
   where it is off the frontier because the time model predicts a tiled plan faster;
 * a plan that passes with less than ``1 - CONFIRM_WITHIN`` of the bound to spare is measured
@@ -48,6 +49,7 @@ fit, plan with ``memory_budget`` (never tuned) or ``tune=False``.
 from __future__ import annotations
 
 import collections
+import logging
 import math
 from dataclasses import replace
 from typing import Any, Callable
@@ -55,16 +57,21 @@ from typing import Any, Callable
 from .measure import latency
 from .plans import PEAK_TIE, Frontier, Plan
 
-__all__ = ["choose_measured", "measure_ratio", "clear_tuned", "verify_repeats", "MAX_TUNED",
-           "SLACK", "REPEATS", "CONFIRM_WITHIN", "VERIFY_REPEATS", "VERIFY_S", "MAX_VERIFIED"]
+__all__ = ["choose_measured", "measure_ratio", "clear_tuned", "search_repeats", "verify_repeats",
+           "MAX_TUNED", "SLACK", "REPEATS", "SEARCH_S", "CONFIRM_WITHIN", "VERIFY_REPEATS", "VERIFY_S", "MAX_VERIFIED"]
 
 #: Plans measured at most per choice (a bisection over up to 2**7 candidates, then
 #: the plans past its last failure).
 MAX_TUNED = 8
 #: Candidates: plans predicted within this factor of the bound's time.
 SLACK = 1.25
-#: Timed runs of each candidate and of the untiled graph, after one warm-up round.
+#: Timed rounds of each candidate and of the untiled graph while searching, after one warm-up
+#: round: at least REPEATS, and as many more as fit in about SEARCH_S seconds (predicted), up
+#: to SEARCH_MAX_REPEATS. A 3-round ratio of a 25 ms plan ranged 0.97x to 1.23x where its
+#: 25-round ratio ran 1.09x to 1.19x (MobileNetV2 @224): short plans need more rounds.
 REPEATS = 3
+SEARCH_S = 0.5
+SEARCH_MAX_REPEATS = 15
 #: A pass measured above this share of the bound's ratio is measured once more (the slower
 #: measurement counts).
 CONFIRM_WITHIN = 0.8
@@ -74,7 +81,10 @@ VERIFY_REPEATS = 5
 VERIFY_S = 3.0
 VERIFY_MAX_REPEATS = 25
 #: Chosen plans verified at most per choice before the untiled model is taken.
-MAX_VERIFIED = 2
+MAX_VERIFIED = 3
+
+#: Every measurement the tuner takes, at DEBUG (``logging.getLogger("tilefx.autotune")``).
+log = logging.getLogger(__name__)
 
 _TUNED: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
 _TUNED_KEPT = 32
@@ -85,13 +95,22 @@ def clear_tuned() -> None:
     _TUNED.clear()
 
 
+def search_repeats(p: Plan) -> int:
+    """Rounds of a search measurement of ``p``: about :data:`SEARCH_S` seconds of ``p`` and the
+    untiled graph together, by the predicted times, within [REPEATS, SEARCH_MAX_REPEATS]."""
+    return _rounds(p, SEARCH_S, REPEATS, SEARCH_MAX_REPEATS)
+
+
 def verify_repeats(p: Plan) -> int:
     """Rounds of the verifying run of ``p``: about :data:`VERIFY_S` seconds of ``p`` and the
     untiled graph together, by the predicted times, within [VERIFY_REPEATS, VERIFY_MAX_REPEATS]."""
+    return _rounds(p, VERIFY_S, VERIFY_REPEATS, VERIFY_MAX_REPEATS)
+
+
+def _rounds(p: Plan, seconds: float, least: int, most: int) -> int:
     if not p.time_s or not p.baseline_time_s:
-        return VERIFY_REPEATS
-    rounds = math.ceil(VERIFY_S / (p.time_s + p.baseline_time_s))
-    return max(VERIFY_REPEATS, min(VERIFY_MAX_REPEATS, rounds))
+        return least
+    return max(least, min(most, math.ceil(seconds / (p.time_s + p.baseline_time_s))))
 
 
 def measure_ratio(baseline: Callable, candidate: Callable, args: tuple,
@@ -128,10 +147,16 @@ def choose_measured(front: Frontier, ratio_of: Callable[[Plan, int], float], max
              and p.time_s <= p.baseline_time_s * limit * SLACK]
     measured: dict[int, float] = {}
 
+    def timed(p: Plan, repeats: int, why: str) -> float:
+        r = ratio_of(p, repeats)
+        log.debug("%s %s: %.3fx over untiled (%d rounds; predicted %.3fx, bound %.3fx)",
+                  why, " then ".join(map(str, p.regions)), r, repeats, p.time_s / p.baseline_time_s, limit)
+        return r
+
     def measure(p: Plan) -> float:
-        r = ratio_of(p, REPEATS)
+        r = timed(p, search_repeats(p), "searched")
         if CONFIRM_WITHIN * limit < r <= limit:
-            r = max(r, ratio_of(p, REPEATS))
+            r = max(r, timed(p, search_repeats(p), "confirmed"))
         return r
 
     def search(lo: int, hi: int) -> int:
@@ -172,7 +197,7 @@ def choose_measured(front: Frontier, ratio_of: Callable[[Plan, int], float], max
             # fixed) the fastest as measured.
             chosen, ratio = _choose(cands, measured, -1, limit, untiled, plans[0], allow_untiled)
             break
-        ratio = ratio_of(chosen, verify_repeats(chosen))
+        ratio = timed(chosen, verify_repeats(chosen), "verified")
         if ratio <= limit or lo < 0:  # within the bound, or nothing passed (a fixed grid)
             break
         i = next(i for i, p in enumerate(cands) if p is chosen)
