@@ -52,7 +52,7 @@ def test_the_lowest_peak_candidate_is_measured_first():
     passes. A bisection alone would have stopped at r0."""
     front = _front([1.0] * 4)
     ratios = {("r0",): 1.02, ("r1",): 1.3, ("r2",): 1.02, ("r3",): 1.02}
-    p = autotune.choose_measured(front, lambda p, repeats: ratios[p.regions], 0.15)
+    p = autotune.choose_measured(front, lambda p, _: ratios[p.regions], 0.15)
     assert p.regions == ("r3",)
 
 
@@ -118,7 +118,7 @@ def test_a_plan_over_the_bound_on_its_verifying_run_is_dropped_for_the_next_pass
     (r1, a higher peak) is verified in its place and chosen."""
     front = _front([1.0, 1.0, 1.0])
     runs = {("r0",): [0.8], ("r1",): [0.8, 0.9], ("r2",): [0.85, 1.30]}
-    p = autotune.choose_measured(front, lambda p, repeats: runs[p.regions].pop(0), 0.15)
+    p = autotune.choose_measured(front, lambda p, _: runs[p.regions].pop(0), 0.15)
     assert p.regions == ("r1",) and p.overhead == pytest.approx(-0.10)
 
 
@@ -186,10 +186,10 @@ def test_a_grid_the_user_fixed_never_falls_back_to_the_untiled_model():
     was measured (all predicted far over the bound), the fastest predicted, untuned."""
     front = Frontier.of([Plan(("r0",), 70, 100, 0.0, 1.05, 1.0), Plan(("r1",), 50, 100, 0.0, 1.1, 1.0)])
     ratios = {("r0",): 1.5, ("r1",): 1.3}
-    p = autotune.choose_measured(front, lambda p, repeats: ratios[p.regions], 0.15, allow_untiled=False)
+    p = autotune.choose_measured(front, lambda p, _: ratios[p.regions], 0.15, allow_untiled=False)
     assert p.regions == ("r1",) and p.tuned and p.overhead == pytest.approx(0.3)
     far = Frontier.of([Plan(("r0",), 70, 100, 0.0, 3.0, 1.0), Plan(("r1",), 50, 100, 0.0, 4.0, 1.0)])
-    p = autotune.choose_measured(far, lambda p, repeats: pytest.fail("measured a plan predicted 3x"), 0.15,
+    p = autotune.choose_measured(far, lambda p, _: pytest.fail("measured a plan predicted 3x"), 0.15,
                                  allow_untiled=False)
     assert p.regions == ("r0",) and not p.tuned
 
@@ -201,7 +201,7 @@ def test_a_plan_that_saves_almost_nothing_loses_to_the_untiled_model():
 
     base = Plan((), 100, 100, 0.0, 1.0, 1.0)
     front = Frontier.of([base, Plan(("r0",), 100 * (1 - PEAK_TIE / 2), 100, 0.0, 1.01, 1.0)])
-    p = autotune.choose_measured(front, lambda p, repeats: 1.05, 0.15)
+    p = autotune.choose_measured(front, lambda p, _: 1.05, 0.15)
     assert p.regions == () and not p.tuned
 
 
@@ -226,7 +226,7 @@ def test_the_choice_is_cached_per_key():
 
 def test_plans_far_beyond_the_bound_are_never_measured():
     front = Frontier.of([Plan((), 100, 100, 0.0, 1.0, 1.0), Plan(("slow",), 10, 100, 0.0, 3.0, 1.0)])
-    p = autotune.choose_measured(front, lambda p, repeats: pytest.fail("measured a plan predicted 3x"), 0.15)
+    p = autotune.choose_measured(front, lambda p, _: pytest.fail("measured a plan predicted 3x"), 0.15)
     assert p.regions == () and not p.tuned
 
 

@@ -58,7 +58,8 @@ from .measure import latency
 from .plans import PEAK_TIE, Frontier, Plan
 
 __all__ = ["choose_measured", "measure_ratio", "clear_tuned", "search_repeats", "verify_repeats",
-           "MAX_TUNED", "SLACK", "REPEATS", "SEARCH_S", "CONFIRM_WITHIN", "VERIFY_REPEATS", "VERIFY_S", "MAX_VERIFIED"]
+           "MAX_TUNED", "SLACK", "REPEATS", "SEARCH_S", "CONFIRM_WITHIN", "VERIFY_REPEATS",
+           "VERIFY_S", "MAX_VERIFIED"]
 
 #: Plans measured at most per choice (a bisection over up to 2**7 candidates, then
 #: the plans past its last failure).
@@ -150,7 +151,8 @@ def choose_measured(front: Frontier, ratio_of: Callable[[Plan, int], float], max
     def timed(p: Plan, repeats: int, why: str) -> float:
         r = ratio_of(p, repeats)
         log.debug("%s %s: %.3fx over untiled (%d rounds; predicted %.3fx, bound %.3fx)",
-                  why, " then ".join(map(str, p.regions)), r, repeats, p.time_s / p.baseline_time_s, limit)
+                  why, " then ".join(map(str, p.regions)), r, repeats,
+                  p.time_s / p.baseline_time_s, limit)
         return r
 
     def measure(p: Plan) -> float:
