@@ -203,6 +203,23 @@ def _choose(front: planner.Frontier, row: Row, gm, x) -> planner.Plan:
     raise ValueError(row.choice)
 
 
+#: A row's timing lasts about this many seconds (by the plan's time), at least ``--repeats``
+#: rounds and at most ROW_MAX_ROUNDS: 3 rounds of a 110 ms baseline (RegNetY-400MF @1024) put
+#: a row 18% over its tuned ratio where the tuner's 11 rounds did not.
+ROW_S = 3.0
+ROW_MAX_ROUNDS = 25
+
+
+def row_rounds(plan, repeats: int) -> int:
+    """Timed rounds of one row: ``repeats``, or more where the plan and the untiled graph run
+    short (their predicted, or tuned, times)."""
+    base = plan.baseline_time_s or 0.0
+    both = base + (plan.time_s if plan.time_s is not None else base)
+    if both <= 0:
+        return repeats
+    return max(repeats, min(ROW_MAX_ROUNDS, math.ceil(ROW_S / both)))
+
+
 def bench(model_name: str, size: int, rows: list[Row], repeats: int) -> list[dict]:
     """Every row of one model at one size: one capture, one frontier, one untiled baseline."""
     model, x = MODELS[model_name](size)
@@ -250,7 +267,8 @@ def bench(model_name: str, size: int, rows: list[Row], repeats: int) -> list[dic
             got = _first(tiled(x))
         err = float((got.double() - want.double()).abs().max())
         peak = peak_memory(tiled, x)
-        stats = latency({"base": gm, "tiled": tiled}, x, repeats=repeats, warmup=1)
+        stats = latency({"base": gm, "tiled": tiled}, x, repeats=row_rounds(plan, repeats),
+                        warmup=1)
         r = dict(section=row.section, model=model_name, size=size, label=label,
                  plan=plan.label, base_peak=base_peak, eager_peak=eager_peak,
                  base_pred=base_pred, peak=peak, pred=plan.peak_bytes,
