@@ -45,7 +45,7 @@ import torch
 import torchvision
 
 import tilefx
-from tilefx import planner
+from tilefx import autotune, planner
 from tilefx.measure import latency, peak_memory
 from tilefx.passes.memory import simulate
 
@@ -212,12 +212,8 @@ ROW_MAX_ROUNDS = 25
 
 def row_rounds(plan, repeats: int) -> int:
     """Timed rounds of one row: ``repeats``, or more where the plan and the untiled graph run
-    short (their predicted, or tuned, times)."""
-    base = plan.baseline_time_s or 0.0
-    both = base + (plan.time_s if plan.time_s is not None else base)
-    if both <= 0:
-        return repeats
-    return max(repeats, min(ROW_MAX_ROUNDS, math.ceil(ROW_S / both)))
+    short (their predicted, or tuned, times): the tuner's rule with the benchmark's numbers."""
+    return autotune.rounds_for(plan, ROW_S, repeats, ROW_MAX_ROUNDS)
 
 
 def bench(model_name: str, size: int, rows: list[Row], repeats: int) -> list[dict]:

@@ -57,8 +57,8 @@ from typing import Any, Callable
 from .measure import latency
 from .plans import PEAK_TIE, Frontier, Plan
 
-__all__ = ["choose_measured", "measure_ratio", "clear_tuned", "search_repeats", "verify_repeats",
-           "MAX_TUNED", "SLACK", "REPEATS", "SEARCH_S", "CONFIRM_WITHIN", "VERIFY_REPEATS",
+__all__ = ["choose_measured", "measure_ratio", "clear_tuned", "rounds_for", "search_repeats",
+           "verify_repeats", "MAX_TUNED", "SLACK", "REPEATS", "SEARCH_S", "CONFIRM_WITHIN", "VERIFY_REPEATS",
            "VERIFY_S", "MAX_VERIFIED"]
 
 #: Plans measured at most per choice (a bisection over up to 2**7 candidates, then
@@ -99,19 +99,23 @@ def clear_tuned() -> None:
 def search_repeats(p: Plan) -> int:
     """Rounds of a search measurement of ``p``: about :data:`SEARCH_S` seconds of ``p`` and the
     untiled graph together, by the predicted times, within [REPEATS, SEARCH_MAX_REPEATS]."""
-    return _rounds(p, SEARCH_S, REPEATS, SEARCH_MAX_REPEATS)
+    return rounds_for(p, SEARCH_S, REPEATS, SEARCH_MAX_REPEATS)
 
 
 def verify_repeats(p: Plan) -> int:
     """Rounds of the verifying run of ``p``: about :data:`VERIFY_S` seconds of ``p`` and the
     untiled graph together, by the predicted times, within [VERIFY_REPEATS, VERIFY_MAX_REPEATS]."""
-    return _rounds(p, VERIFY_S, VERIFY_REPEATS, VERIFY_MAX_REPEATS)
+    return rounds_for(p, VERIFY_S, VERIFY_REPEATS, VERIFY_MAX_REPEATS)
 
 
-def _rounds(p: Plan, seconds: float, least: int, most: int) -> int:
-    if not p.time_s or not p.baseline_time_s:
+def rounds_for(p: Plan, seconds: float, least: int, most: int) -> int:
+    """Timed rounds of ``p`` beside the untiled graph that last about ``seconds``, by their
+    predicted (or tuned) times, within [least, most]; a plan never priced takes the untiled
+    time, a plan without a baseline ``least``."""
+    if not p.baseline_time_s:
         return least
-    return max(least, min(most, math.ceil(seconds / (p.time_s + p.baseline_time_s))))
+    pair = p.baseline_time_s + (p.time_s if p.time_s is not None else p.baseline_time_s)
+    return max(least, min(most, math.ceil(seconds / pair)))
 
 
 def measure_ratio(baseline: Callable, candidate: Callable, args: tuple,
