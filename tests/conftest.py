@@ -41,6 +41,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("MKL_NUM_THREADS", "1")
     torch.set_num_threads(1)
 
+# Every test measures afresh: no measurement kept on disk by an earlier run (``tilefx.cache``)
+# decides a plan here, and the suite writes none (tests/test_cache.py points it at a temporary
+# folder). Notebook kernels and subprocesses inherit the setting.
+os.environ["TILEFX_CACHE_DIR"] = ""
+
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))
 
 

@@ -31,8 +31,9 @@ runs, so the default choice measures instead of trusting the prediction near the
   :data:`MAX_TUNED`, and its new choice is verified in turn; after :data:`MAX_VERIFIED`
   failed verifications the choice is the untiled model;
 * the chosen plan carries its measured time (``time_s`` = verified ratio x the predicted
-  untiled time, ``tuned=True``), and the choice is kept per process with the node timings'
-  key, so planning the same model at the same shape again chooses the same plan.
+  untiled time, ``tuned=True``), and the choice is kept with the node timings'
+  key, per process and on disk (``tilefx.cache``), so planning the same model at the same
+  shape again, in this process or the next, chooses the same plan.
 
 Running the candidates needs the untiled graph to run once per candidate: where it does not
 fit, plan with ``memory_budget`` (never tuned) or ``tune=False``.
@@ -54,6 +55,7 @@ import math
 from dataclasses import replace
 from typing import Any, Callable
 
+from . import cache
 from .measure import latency
 from .plans import PEAK_TIE, Frontier, Plan
 
@@ -146,11 +148,21 @@ def choose_measured(front: Frontier, ratio_of: Callable[[Plan, int], float], max
     # first plan.
     untiled = next((p for p in plans if not any(p.rewrite)), None) or _untiled(plans[0])
     cache_key = None if key is None else (key, round(max_overhead, 6), allow_untiled)
-    if cache_key is not None and cache_key in _TUNED:
-        ident, ratio = _TUNED[cache_key]
-        for p in [*plans, untiled]:
-            if p.rewrite == ident:
-                return _tuned(front, p, ratio)
+    if cache_key is not None:
+        # This process's choice, else one another process on this machine made and kept on
+        # disk (``tilefx.cache``; its rewrite by ``repr``, with the node timings it was
+        # planned from, the frontier is this one).
+        kept = _TUNED.get(cache_key)
+        if kept is None:
+            stored = cache.load("tuned", cache_key)
+            if isinstance(stored, list) and len(stored) == 2:
+                kept = tuple(stored)
+        if kept is not None:
+            ident, ratio = kept
+            for p in [*plans, untiled]:
+                if repr(p.rewrite) == ident:
+                    _TUNED[cache_key] = kept
+                    return _tuned(front, p, ratio)
     limit = 1 + max_overhead
     cands = [p for p in plans if any(p.rewrite)
              and p.time_s <= p.baseline_time_s * limit * SLACK]
@@ -215,7 +227,8 @@ def choose_measured(front: Frontier, ratio_of: Callable[[Plan, int], float], max
         lo = search(max((j for j, r in measured.items() if r <= limit), default=-1), i)
         chosen, ratio = _choose(cands, measured, lo, limit, untiled, plans[0], allow_untiled)
     if cache_key is not None:
-        _TUNED[cache_key] = (chosen.rewrite, ratio)
+        _TUNED[cache_key] = (repr(chosen.rewrite), ratio)
+        cache.store("tuned", cache_key, [repr(chosen.rewrite), ratio])
         while len(_TUNED) > _TUNED_KEPT:
             _TUNED.popitem(last=False)
     return _tuned(front, chosen, ratio)

@@ -22,6 +22,7 @@ Two sources for the per-node costs:
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import itertools
 import math
@@ -35,6 +36,7 @@ from torch.fx import GraphModule, Node
 
 from torch.utils import _pytree as pytree
 
+from . import cache
 from .capture import Inputs, as_inputs
 from .passes.receptive_field import facts
 from .rules import Barrier, SpatialRule
@@ -159,12 +161,25 @@ def _fastest(fns, rounds: int = 15) -> list[float]:
 
 @functools.lru_cache(maxsize=None)
 def calibrate() -> Calibration:
-    """Measure the time model's machine constants (well under a second, once per process).
+    """Measure the time model's machine constants (well under a second, once per process, and
+    kept on disk per machine: ``tilefx.cache``).
 
     >>> cal = calibrate()
     >>> cal.mac_rate > 1e8 and 0 < cal.pointwise_call_s < 1e-2
     True
     """
+    kept = cache.load("calibration", "calibrate")
+    if isinstance(kept, dict):
+        try:
+            return Calibration(**kept)
+        except TypeError:
+            pass
+    cal = _calibrate()
+    cache.store("calibration", "calibrate", dataclasses.asdict(cal))
+    return cal
+
+
+def _calibrate() -> Calibration:
     torch.manual_seed(0)
     x = torch.randn(1, 64, 56, 56)
     w = torch.randn(64, 64, 3, 3)
@@ -388,16 +403,32 @@ def measure_node_costs(gm: GraphModule, example_inputs: Any, cal: Calibration, *
     if key in _MEASURED:
         _MEASURED.move_to_end(key)
         return dict(_MEASURED[key])
-    costs = _measure(gm, inputs, cal, weight_bytes, full_max_pixels, repeats)
+    costs = _costs_from_json(cache.load("node_costs", key))
+    if costs is None:
+        costs = _measure(gm, inputs, cal, weight_bytes, full_max_pixels, repeats)
+        cache.store("node_costs", key, {k: dataclasses.asdict(c) for k, c in costs.items()})
     _MEASURED[key] = costs
     while len(_MEASURED) > _MEASURED_KEPT:
         _MEASURED.popitem(last=False)
     return dict(costs)
 
 
+def _costs_from_json(value: Any) -> dict[str, NodeCost] | None:
+    """Node costs as ``tilefx.cache`` stored them, or None where there are none (or they do
+    not read as costs)."""
+    if not isinstance(value, dict):
+        return None
+    try:
+        return {k: NodeCost(**{**c, "knots": tuple(tuple(pt) for pt in c.get("knots", ()))})
+                for k, c in value.items()}
+    except (TypeError, ValueError):
+        return None
+
+
 #: Measured costs per graph, shape and machine constants, kept for the life of the process
 #: (plain floats: no graph, tensor or weight is held), so the same model at the same shape
-#: plans the same, run after run, and a second plan costs no second measurement.
+#: plans the same, run after run, and a second plan costs no second measurement; and on disk
+#: (``tilefx.cache``), so that a second process on this machine plans the same too.
 _MEASURED: "collections.OrderedDict[tuple, dict[str, NodeCost]]" = collections.OrderedDict()
 _MEASURED_KEPT = 32
 
