@@ -16,6 +16,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torchvision
 
@@ -25,6 +27,10 @@ from tilefx import primitives as P
 from tilefx.measure import latency, peak_memory
 from tilefx.passes.memory import simulate
 from tilefx.passes.primitives import apply_primitives
+
+# Each run measures afresh (its planning times and choices are its own), not from another
+# run's measurements kept on disk (tilefx.cache), unless TILEFX_CACHE_DIR names a folder.
+os.environ.setdefault("TILEFX_CACHE_DIR", "")
 
 MiB = 2**20
 

@@ -39,6 +39,10 @@ import sys
 import tempfile
 import time
 
+# Each run measures afresh (its planning times and choices are its own), not from another
+# run's measurements kept on disk (tilefx.cache), unless TILEFX_CACHE_DIR names a folder.
+os.environ.setdefault("TILEFX_CACHE_DIR", "")
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 

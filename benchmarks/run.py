@@ -54,6 +54,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 import peers  # noqa: E402  (benchmarks/ is not a package)
 import sections  # noqa: E402
 
+# Each run measures afresh (its planning times and choices are its own), not from another
+# run's measurements kept on disk (tilefx.cache), unless TILEFX_CACHE_DIR names a folder.
+os.environ.setdefault("TILEFX_CACHE_DIR", "")
+
 MIB = 2**20
 
 

@@ -15,6 +15,8 @@ error against eager. CPU, float32, batch 1, random weights. Not part of the test
 
 from __future__ import annotations
 
+import os
+
 import argparse
 import sys
 import time
@@ -30,6 +32,10 @@ from tilefx.passes.memory import simulate
 from tilefx.passes.stream_rewrite import stream_rewrite
 from tilefx.plan_model import StaticModel, outer_peaks
 from tilefx.stream_plan import stream_cost
+
+# Each run measures afresh (its planning times and choices are its own), not from another
+# run's measurements kept on disk (tilefx.cache), unless TILEFX_CACHE_DIR names a folder.
+os.environ.setdefault("TILEFX_CACHE_DIR", "")
 
 
 def _basic_unet():

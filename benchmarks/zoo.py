@@ -25,6 +25,10 @@ from torchvision import models
 import tilefx
 from tilefx.measure import peak_memory
 
+# Each run measures afresh (its planning times and choices are its own), not from another
+# run's measurements kept on disk (tilefx.cache), unless TILEFX_CACHE_DIR names a folder.
+os.environ.setdefault("TILEFX_CACHE_DIR", "")
+
 #: Models whose code fixes the input size.
 FIXED_SIZE = {**{n: 224 for n in models.list_models(module=models) if n.startswith("vit_")},
               "maxvit_t": 224}
