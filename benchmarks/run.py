@@ -49,7 +49,7 @@ import torch
 import torchvision
 
 import tilefx
-from tilefx import autotune, planner
+from tilefx import autotune, cache, planner
 from tilefx.measure import latency, peak_memory
 from tilefx.passes.memory import simulate
 
@@ -343,18 +343,6 @@ SECTIONS = {
 }
 
 
-def _cpu() -> str:
-    """The CPU's model and the widest vector ISA torch's kernels use on it: two 2-core x86_64
-    machines ran MobileNetV2 @1024 at 294 ms and 1.6 s untiled (AVX-512 and AVX2)."""
-    name = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
-    except OSError:
-        pass
-    return f"{name or 'unknown CPU'}, {torch.backends.cpu.get_cpu_capability()}"
-
-
 def _commit() -> str:
     """The checkout's commit (with ``+changes`` when the tree differs from it), or ``unknown``."""
     here = os.path.dirname(os.path.abspath(__file__))
@@ -413,7 +401,7 @@ def _provenance(argv: list[str], wall: float, pending: list[str], failed: list[s
     return [
         "Measured by `python benchmarks/run.py " + " ".join(argv) + "`:", "",
         f"- date: {started[0]} (the run's start), commit {started[2]}",
-        f"- machine: {platform.machine()} {_cpu()}, {os.cpu_count()} CPU cores, "
+        f"- machine: {platform.machine()} {cache.cpu_name()}, {os.cpu_count()} CPU cores, "
         f"torch threads {torch.get_num_threads()}, load average at the start "
         f"{started[1]:.1f}, {platform.platform()}",
         f"- torch {torch.__version__}, torchvision {torchvision.__version__}, python "
