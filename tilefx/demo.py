@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import platform
 import time
 
@@ -43,13 +42,11 @@ def run(size: int = 512, model_name: str = "resnet50") -> int:
     with torch.no_grad():
         base = peak_memory(model, x)
         tiled = peak_memory(gm, x)
-        # Rounds for about the tuner's verifying run (``autotune.VERIFY_S``): 3 rounds of a
-        # 200 ms model read 1.13x, then 1.32x, for the same plan.
-        probe = latency({"untiled": model, "tiled": gm}, x, repeats=1, warmup=1)
-        pair = probe["untiled"].median_s + probe["tiled"].median_s
-        rounds = max(autotune.VERIFY_REPEATS,
-                     min(autotune.VERIFY_MAX_REPEATS, math.ceil(autotune.VERIFY_S / pair)))
-        stats = latency({"untiled": model, "tiled": gm}, x, repeats=rounds, warmup=0)
+        # As many rounds as the tuner's verifying run (about ``autotune.VERIFY_S``, by the
+        # plan's times): 3 rounds of a 200 ms model read 1.13x, then 1.32x, for the same plan.
+        plan = gm.meta.get("tilefx_plan")  # absent where the model was captured in parts
+        rounds = autotune.verify_repeats(plan) if plan is not None else autotune.VERIFY_REPEATS
+        stats = latency({"untiled": model, "tiled": gm}, x, repeats=rounds, warmup=1)
         ref, out = model(x), gm(x)
     diff = (ref - out).abs().max().item()
     print("\n== measured on this machine (peak as docs/design.md defines it) ==")
