@@ -241,3 +241,14 @@ def test_transform_tunes_by_default_and_not_when_asked():
         torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-4)
     assert not tilefx.plan(model, x, tune=False).tuned
     assert not tilefx.plan(model, x, memory_budget=10 * 2**30).tuned  # a budget is never tuned
+
+
+def test_a_measured_ratio_logs_both_medians(caplog):
+    # A ratio that swings between runs must say which side moved (the untiled graph's page
+    # faults, at 1024): the log carries both medians, not only their ratio.
+    x = torch.randn(64, 64)
+    with caplog.at_level(logging.DEBUG, logger="tilefx.autotune"):
+        r = autotune.measure_ratio(lambda t: t @ t, lambda t: t + t, (x,), repeats=3)
+    assert r > 0
+    (msg,) = [rec.getMessage() for rec in caplog.records]
+    assert msg.startswith("timed untiled ") and ", plan " in msg and msg.count("n=3") == 2

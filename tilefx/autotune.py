@@ -128,6 +128,9 @@ def measure_ratio(baseline: Callable, candidate: Callable, args: tuple,
                   repeats: int = REPEATS) -> float:
     """The candidate's median latency over the baseline's, timed interleaved in one process."""
     stats = latency({"base": baseline, "plan": candidate}, *args, repeats=repeats, warmup=1)
+    # Which side moved, when a ratio swings between runs: at 1024 it is mostly the untiled
+    # graph, whose page faults come and go (design.md, "the time model").
+    log.debug("timed untiled %s, plan %s", stats["base"], stats["plan"])
     return stats["plan"].median_s / stats["base"].median_s
 
 
