@@ -65,6 +65,18 @@ def test_the_key_holds_the_thread_count(cache_dir):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("var", cache.ALLOCATOR_ENV)
+def test_the_key_holds_the_allocator_settings(cache_dir, monkeypatch, var):
+    """Timings taken with huge pages (or jemalloc, or other glibc thresholds) say nothing about
+    the default allocation: an untiled call at 1024 is up to half page faults."""
+    monkeypatch.delenv(var, raising=False)
+    cache.store("kind", "k", 1.0)
+    monkeypatch.setenv(var, "1")
+    assert cache.load("kind", "k") is None
+    monkeypatch.delenv(var)
+    assert cache.load("kind", "k") == 1.0
+
+
 def test_calibration_is_read_back_not_measured_again(cache_dir, monkeypatch):
     cost.calibrate.cache_clear()
     try:
