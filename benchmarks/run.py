@@ -54,7 +54,8 @@ from tilefx.measure import latency, peak_memory
 from tilefx.passes.memory import simulate
 
 sys.path.insert(0, os.path.dirname(__file__))
-import peers  # noqa: E402  (benchmarks/ is not a package)
+import allocator  # noqa: E402  (benchmarks/ is not a package)
+import peers  # noqa: E402
 import sections  # noqa: E402
 
 # Each run measures afresh (its planning times and choices are its own), not from another
@@ -182,6 +183,8 @@ ROWS = [
         peer="lightstream_1024"),
     Row("streaming", "mobilenet_v2", 1024, "max_overhead", bound=1.0, ratio=16, max_macs=0.03,
         max_extra_compute=0.03),
+    # the default plans at 1024 again, under three allocators (benchmarks/allocator.py)
+    *(Row("allocator", m, 1024, "default") for m in allocator.MODELS),
 ]
 
 
@@ -230,18 +233,20 @@ def row_rounds(plan, repeats: int) -> int:
 KERNEL_SHARE_S = 0.5
 
 
-def kernel_share(fn, x) -> float:
-    """The share of one call's CPU time spent in the kernel (page faults, mostly: glibc maps
-    every allocation over 32 MiB afresh, and the kernel faults its pages in on first touch)."""
-    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+def kernel_use(fn, x) -> tuple[float, float]:
+    """The share of one call's CPU time spent in the kernel, and the minor page faults per call
+    (the kernel's time is mostly those: glibc maps every allocation over its mmap threshold
+    afresh, and the kernel faults its pages in on first touch)."""
+    r0, t0, calls = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter(), 0
     with torch.no_grad():  # calls for at least KERNEL_SHARE_S: the kernel's clock is coarse
         while True:
             fn(x)
+            calls += 1
             if time.perf_counter() - t0 >= KERNEL_SHARE_S:
                 break
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     sys_s, user_s = r1.ru_stime - r0.ru_stime, r1.ru_utime - r0.ru_utime
-    return sys_s / max(sys_s + user_s, 1e-9)
+    return sys_s / max(sys_s + user_s, 1e-9), (r1.ru_minflt - r0.ru_minflt) / calls
 
 
 def bench(model_name: str, size: int, rows: list[Row], repeats: int) -> list[dict]:
@@ -303,7 +308,7 @@ def bench(model_name: str, size: int, rows: list[Row], repeats: int) -> list[dic
                                  if q.rewrite == key), float("nan")),
                  tuned=plan.tuned,
                  base_ms=stats["base"].median_s * 1e3,
-                 kernel=(kernel_share(gm, x), kernel_share(tiled, x)),
+                 kernel=(kernel_use(gm, x)[0], kernel_use(tiled, x)[0]),
                  extra=plan.extra_compute if plan.predicted else float("nan"), err=err,
                  rel_err=err / max(float(want.abs().max()), 1e-30), plan_s=plan_s, tune_s=tune_s,
                  target=(row.ratio, row.bound), max_macs=row.max_macs, regions=len(plan.regions),
@@ -340,6 +345,7 @@ SECTIONS = {
                    "bound B; the peer rows run the peers' own methods on the same input."),
     "streaming": ("U-Nets and segmentation networks", "Each row is `transform(model, x, "
                   "max_overhead=B - 1)` for the row's latency bound B."),
+    "allocator": ("The untiled baseline under three allocators", allocator.ABOUT),
 }
 
 
@@ -432,6 +438,10 @@ def render(rows: list[dict], argv: list[str], wall: float, pending: list[str] = 
         if not mine and not failed.get(section):
             continue
         prov = _provenance(argv, wall, list(pending), failed.get(section, []), started)
+        if section == "allocator":
+            out[section] = sections.wrap(section, "\n".join(
+                [f"## {title}", "", *prov, text, "", *allocator.table(mine)]))
+            continue
         lines = [f"## {title}", "", *prov, text, "",
                  "| model | input | plan | chosen as | base (eager) peak MiB | tiled peak MiB | ratio | "
                  "predicted MiB (base / tiled / sim) | latency ratio (planner) | base ms (kernel share: base / "
@@ -560,14 +570,15 @@ def main(argv=None) -> None:
     rank = {s: i for i, s in enumerate(args.sections)}  # sections run in the order asked
     groups: dict[tuple[str, int], list[Row]] = {}
     for r in sorted(todo, key=lambda r: rank[r.section]):
-        groups.setdefault((r.model, r.size), []).append(r)
+        groups.setdefault((r.model, r.size, r.section == "allocator"), []).append(r)
     results: list[dict] = []
     failed: dict[str, list[str]] = {}
     argv_shown = sys.argv[1:] if argv is None else list(argv)
-    for k, ((name, size), rows) in enumerate(groups.items()):
+    for k, ((name, size, own_processes), rows) in enumerate(groups.items()):
         reps = args.repeats * 4 if size <= 256 else args.repeats
         try:
-            results += bench(name, size, rows, reps)
+            results += (allocator.bench(name, size, reps) if own_processes
+                        else bench(name, size, rows, reps))
         except Exception as e:  # one model failing must not lose the others' numbers
             print(f"  {name}@{size} failed: {type(e).__name__}: {e}", file=sys.stderr)
             for section in {r.section for r in rows}:
@@ -575,7 +586,7 @@ def main(argv=None) -> None:
         # Written after every model, so a run stopped early keeps what it measured and says
         # which models it did not reach.
         done = render(results, argv_shown, time.perf_counter() - t0,
-                      pending=[f"{m}@{s}" for m, s in list(groups)[k + 1:]], started=started,
+                      pending=[f"{m}@{s}" for m, s, _ in list(groups)[k + 1:]], started=started,
                       failed=failed)
         _write(args.out, sections.merge(header(), kept, done, list(SECTIONS)))
     print(f"wrote {os.path.abspath(args.out)}", file=sys.stderr)
