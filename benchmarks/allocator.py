@@ -29,19 +29,22 @@ time the untiled graph loses to the allocator. This section times the same plan 
 
 Each setting runs in its own process (the variables are read when it starts), one after another.
 The first plans (`transform`'s default, memory first within +15%, tuned under glibc's defaults)
-and saves the tiled module with `torch.save`; the others load it, so every setting times the same
-plan beside the same untiled graph, in alternating calls.
+and saves the tiled module with `torch.save`; the next two load it, so they time the same plan
+beside the same untiled graph, in alternating calls. A fourth process, with the caching heap,
+plans afresh: `transform`'s default where the untiled graph runs without faults.
 """
 
 #: The models whose default plans the section times, at 1024.
 MODELS = ("mobilenet_v2", "resnet50", "vgg16", "densenet121")
 
-#: name -> the environment a setting's process runs with.
+_CACHING = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(64 << 30)}
+#: name -> (the environment a setting's process runs with, whether it plans afresh rather than
+#: load the first process's plan).
 SETTINGS = {
-    "default": {},
-    "THP_MEM_ALLOC_ENABLE=1": {"THP_MEM_ALLOC_ENABLE": "1"},
-    "MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=64 GiB": {"MALLOC_MMAP_MAX_": "0",
-                                                         "MALLOC_TRIM_THRESHOLD_": str(64 << 30)},
+    "default": ({}, True),
+    "THP_MEM_ALLOC_ENABLE=1": ({"THP_MEM_ALLOC_ENABLE": "1"}, False),
+    "MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=64 GiB": (_CACHING, False),
+    "the same, planned there": (_CACHING, True),
 }
 
 
@@ -51,10 +54,10 @@ def bench(model: str, size: int, repeats: int) -> list[dict]:
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         saved = os.path.join(tmp, "tiled.pt")
-        for name, env in SETTINGS.items():
+        for name, (env, plans_here) in SETTINGS.items():
             cmd = [sys.executable, os.path.abspath(__file__), "--child", "--model", model,
                    "--size", str(size), "--repeats", str(repeats), "--saved", saved]
-            if rows:  # the plan the first process chose, timed for as many rounds
+            if not plans_here:  # the plan the first process chose, timed for as many rounds
                 cmd += ["--load", "--rounds", str(rows[0]["rounds"])]
             done = subprocess.run(cmd, env={**os.environ, **env}, check=True,
                                   stdout=subprocess.PIPE, text=True)
@@ -71,7 +74,7 @@ def _child(model: str, size: int, repeats: int, saved: str, load: bool, rounds: 
 
     import run  # the benchmark's models and row timing (benchmarks/ is not a package)
     import tilefx
-    from tilefx.measure import latency
+    from tilefx.measure import latency, peak_memory
 
     m, x = run.MODELS[model](size)
     gm = tilefx.prepare(m, x)
@@ -89,8 +92,10 @@ def _child(model: str, size: int, repeats: int, saved: str, load: bool, rounds: 
     # another order differ by ~1e-5 relative at most (tests/test_zoo.py's tolerances).
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     stats = latency({"base": gm, "tiled": tiled}, x, repeats=rounds, warmup=2)
+    # Tensor bytes (allocator events): the same under every allocator, for the same plan.
+    peaks = (peak_memory(gm, x), peak_memory(tiled, x))
     base_use, tiled_use = run.kernel_use(gm, x), run.kernel_use(tiled, x)
-    return dict(plan=label, rounds=rounds, base_ms=stats["base"].median_s * 1e3,
+    return dict(plan=label, rounds=rounds, peaks=peaks, base_ms=stats["base"].median_s * 1e3,
                 tiled_ms=stats["tiled"].median_s * 1e3,
                 lat=stats["tiled"].median_s / stats["base"].median_s,
                 faults=(base_use[1], tiled_use[1]), kernel=(base_use[0], tiled_use[0]),
@@ -99,16 +104,19 @@ def _child(model: str, size: int, repeats: int, saved: str, load: bool, rounds: 
 
 def table(rows: list[dict]) -> list[str]:
     """The section's table and its summary lines."""
-    out = ["| model | input | allocator | base ms | tiled ms | latency ratio | minor faults per "
-           "call (base / tiled) | kernel share (base / tiled) | max abs err |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    out = ["| model | input | allocator | peak MiB (base / tiled) | base ms | tiled ms | latency "
+           "ratio | minor faults per call (base / tiled) | kernel share (base / tiled) | "
+           "max abs err |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {r['model']} | {r['size']} | {r['setting']} | {r['base_ms']:.0f} | "
+        base, tiled = r["peaks"]
+        out.append(f"| {r['model']} | {r['size']} | {r['setting']} | {base / 2**20:.1f} / "
+                   f"{tiled / 2**20:.1f} (**{base / max(tiled, 1):.2f}x**) | {r['base_ms']:.0f} | "
                    f"{r['tiled_ms']:.0f} | **{r['lat']:.2f}x** | {r['faults'][0]:,.0f} / "
                    f"{r['faults'][1]:,.0f} | {r['kernel'][0]:.0%} / {r['kernel'][1]:.0%} | "
                    f"{r['err']:.1e} |")
-    plans = [f"- {r['model']}@{r['size']}: `{r['plan']}`" for r in rows if r["plan"]]
-    return out + ["", "The plans (the default, chosen under glibc's defaults):", "", *plans, ""]
+    plans = [f"- {r['model']}@{r['size']} ({r['setting']}): `{r['plan']}`" for r in rows if r["plan"]]
+    return out + ["", "The plans (`transform`'s default, chosen where the row says; a row without "
+                  "one times the plan of its model's *default* row):", "", *plans, ""]
 
 
 def main(argv=None) -> None:

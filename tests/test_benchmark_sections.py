@@ -98,3 +98,28 @@ def test_a_run_of_part_of_a_section_may_not_replace_the_section_in_benchmarks_md
     with pytest.raises(SystemExit) as e:
         run.main(["--sections", "frontier", "--models", "resnet50"])
     assert e.value.code == 2 and "--out elsewhere" in capsys.readouterr().err
+
+
+def test_the_allocator_rows_get_their_own_table_and_no_other_section_shows_them():
+    import allocator
+    import run
+
+    rows = [dict(section="allocator", model="resnet50", size=1024, setting=name,
+                 plan=f"plan {i}" if here else "", rounds=5, peaks=(224.5 * 2**20, 27.3 * 2**20),
+                 base_ms=1400.0 - 400 * i, tiled_ms=1000.0, lat=1000.0 / (1400.0 - 400 * i),
+                 faults=(680000.0 / (1 + i), 3.0), kernel=(0.4 / (1 + i), 0.0), err=2.5e-5)
+            for i, (name, (_, here)) in enumerate(allocator.SETTINGS.items())]
+    out = run.render(rows, ["--sections", "allocator"], 60.0,
+                     started=("2026-12-05T14:00:00", 0.5, "abc1234"))
+    assert list(out) == ["allocator"]
+    block = out["allocator"]
+    assert block.startswith("<!-- section allocator -->\n## The untiled baseline under three")
+    assert "commit abc1234" in block and allocator.ABOUT.strip() in block
+    assert ("| resnet50 | 1024 | default | 224.5 / 27.3 (**8.22x**) | 1400 | 1000 | **0.71x** | "
+            "680,000 / 3 | 40% / 0% |") in block
+    assert ("| resnet50 | 1024 | MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=64 GiB | 224.5 / 27.3 "
+            "(**8.22x**) | 600 | 1000 | **1.67x** |") in block
+    # the plans of the two processes that planned, each named once
+    assert block.count("- resnet50@1024 (default): `plan 0`") == 1
+    assert block.count("- resnet50@1024 (the same, planned there): `plan 3`") == 1
+    assert "plan 1" not in block and "plan 2" not in block
