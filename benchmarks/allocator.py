@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -131,6 +132,9 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.child:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        # the tuner's measurements to stderr, as in run.py's own process
+        logging.basicConfig(stream=sys.stderr, format="  tune %(message)s")
+        logging.getLogger("tilefx.autotune").setLevel(logging.DEBUG)
         print(json.dumps(_child(args.model, args.size, args.repeats, args.saved, args.load,
                                 args.rounds)))
         return
