@@ -23,7 +23,9 @@ error against eager. Sections:
   ``transform(model, x, max_overhead=B - 1)`` for the row's latency bound B, beside the peers
   (diffusers' tiled VAE decode, MONAI's sliding window) on the same inputs;
 * ``streaming`` (when the streaming strategy is present): U-Nets and segmentation networks,
-  rows with their latency bounds, beside MONAI's sliding window and lightstream.
+  rows with their latency bounds, beside MONAI's sliding window and lightstream;
+* ``allocator``: the default plans at 1024 timed under three CPU allocators, each setting in a
+  process of its own (``allocator.py``): how much of the untiled graph's time is fresh pages.
 
 Every measurement the tuner takes is logged to stderr (``tilefx.autotune`` at DEBUG).
 
