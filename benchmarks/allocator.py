@@ -26,7 +26,8 @@ time the untiled graph loses to the allocator. This section times the same plan 
 - `THP_MEM_ALLOC_ENABLE=1`: torch asks for 2 MiB pages (`madvise`), up to 512x fewer faults;
 - `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=64 GiB`: glibc serves every allocation from its
   heap and never gives memory back, a caching allocator like PyTorch's CUDA one: after the first
-  call an untiled call faults nothing, and the process keeps its peak resident.
+  call an untiled call takes few faults (where the heap is fragmented it grows), and the
+  process keeps its peak resident.
 
 Each setting runs in its own process (the variables are read when it starts), one after another.
 The first plans (`transform`'s default, memory first within +15%, tuned under glibc's defaults)
