@@ -39,15 +39,19 @@ plans afresh: `transform`'s default where the untiled graph runs without faults.
 #: The models whose default plans the section times, at 1024.
 MODELS = ("mobilenet_v2", "resnet50", "vgg16", "densenet121")
 
-_CACHING = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(64 << 30)}
-#: name -> (the environment a setting's process runs with, whether it plans afresh rather than
-#: load the first process's plan).
-SETTINGS = {
-    "default": ({}, True),
-    "THP_MEM_ALLOC_ENABLE=1": ({"THP_MEM_ALLOC_ENABLE": "1"}, False),
-    "MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=64 GiB": (_CACHING, False),
-    "the same, planned there": (_CACHING, True),
+#: The allocators: name -> the environment of a process that runs with it.
+ALLOCATORS = {
+    "default": {},
+    "THP_MEM_ALLOC_ENABLE=1": {"THP_MEM_ALLOC_ENABLE": "1"},
+    "MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=64 GiB": {"MALLOC_MMAP_MAX_": "0",
+                                                         "MALLOC_TRIM_THRESHOLD_": str(64 << 30)},
 }
+#: The section's processes: name -> (environment, whether it plans afresh rather than load the
+#: first process's plan): each allocator with the plan chosen under glibc's defaults, then the
+#: caching heap planning for itself.
+SETTINGS = {**{name: (env, name == "default") for name, env in ALLOCATORS.items()},
+            "the same, planned there": (ALLOCATORS["MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=64 GiB"],
+                                        True)}
 
 
 def bench(model: str, size: int, repeats: int) -> list[dict]:

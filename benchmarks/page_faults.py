@@ -4,11 +4,13 @@ time and wall time per call, with torch's default allocation and with huge pages
     python benchmarks/page_faults.py                      # ResNet-50 @1024, 5 calls each
     python benchmarks/page_faults.py --model mobilenet_v2 --size 1024 --calls 8
 
-glibc maps every allocation over 32 MiB afresh and the kernel faults its pages in on first touch,
-on every call; ``THP_MEM_ALLOC_ENABLE=1`` makes torch ask for 2 MiB pages (512x fewer faults where
-the kernel has them). A tiled plan's buffers are small and reused, so this is time tiling avoids:
-BENCHMARKS.md's "kernel share" column shows it per row. Each setting runs in its own process (the
-variable is read when torch starts). Not part of the test suite.
+glibc maps every allocation over its mmap threshold (at most 32 MiB) afresh and the kernel faults
+its pages in on first touch, on every call; ``THP_MEM_ALLOC_ENABLE=1`` makes torch ask for 2 MiB
+pages (fewer faults, each zeroing more), and ``MALLOC_MMAP_MAX_=0`` with a high trim threshold
+keeps the memory in glibc's heap (``allocator.ALLOCATORS``). A tiled plan's buffers are small and
+reused, so this is time tiling avoids: BENCHMARKS.md's "kernel share" column shows it per row,
+its allocator section the plans' times under each allocator. Each setting runs in its own
+process (the variables are read when it starts). Not part of the test suite.
 """
 
 from __future__ import annotations
@@ -49,7 +51,10 @@ def main(argv=None) -> None:
     if args.child:
         measure(args.model, args.size, args.calls)
         return
-    for label, env in (("default allocation", {}), ("THP_MEM_ALLOC_ENABLE=1", {"THP_MEM_ALLOC_ENABLE": "1"})):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from allocator import ALLOCATORS  # the allocator section's settings (no torch import)
+
+    for label, env in ALLOCATORS.items():
         print(f"{args.model} @{args.size}, untiled, {label}:", flush=True)
         subprocess.run([sys.executable, __file__, "--child", "--model", args.model,
                         "--size", str(args.size), "--calls", str(args.calls)],

@@ -570,7 +570,7 @@ def main(argv=None) -> None:
     if args.no_peers:
         todo = [Row(**{**r.__dict__, "peer": None}) for r in todo]
     rank = {s: i for i, s in enumerate(args.sections)}  # sections run in the order asked
-    groups: dict[tuple[str, int], list[Row]] = {}
+    groups: dict[tuple[str, int, bool], list[Row]] = {}  # (model, size, own processes)
     for r in sorted(todo, key=lambda r: rank[r.section]):
         groups.setdefault((r.model, r.size, r.section == "allocator"), []).append(r)
     results: list[dict] = []
