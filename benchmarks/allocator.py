@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -39,19 +38,18 @@ plans afresh: `transform`'s default where the untiled graph runs without faults.
 #: The models whose default plans the section times, at 1024.
 MODELS = ("mobilenet_v2", "resnet50", "vgg16", "densenet121")
 
+CACHING_HEAP = "MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=64 GiB"
 #: The allocators: name -> the environment of a process that runs with it.
 ALLOCATORS = {
     "default": {},
     "THP_MEM_ALLOC_ENABLE=1": {"THP_MEM_ALLOC_ENABLE": "1"},
-    "MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=64 GiB": {"MALLOC_MMAP_MAX_": "0",
-                                                         "MALLOC_TRIM_THRESHOLD_": str(64 << 30)},
+    CACHING_HEAP: {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(64 << 30)},
 }
 #: The section's processes: name -> (environment, whether it plans afresh rather than load the
 #: first process's plan): each allocator with the plan chosen under glibc's defaults, then the
 #: caching heap planning for itself.
 SETTINGS = {**{name: (env, name == "default") for name, env in ALLOCATORS.items()},
-            "the same, planned there": (ALLOCATORS["MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=64 GiB"],
-                                        True)}
+            "the same, planned there": (ALLOCATORS[CACHING_HEAP], True)}
 
 
 def bench(model: str, size: int, repeats: int) -> list[dict]:
@@ -90,7 +88,8 @@ def _child(model: str, size: int, repeats: int, saved: str, load: bool, rounds: 
     else:
         plan = tilefx.api.tuned_plan(gm, x, tilefx.planner.frontier(gm, x))
         tiled = tilefx.apply(gm, plan)
-        torch.save(tiled, saved)
+        if not os.path.exists(saved):  # the first process's plan is the one the others load
+            torch.save(tiled, saved)
         label, rounds = plan.label, run.row_rounds(plan, repeats)
     with torch.no_grad():
         want, got = run._first(gm(x)), run._first(tiled(x))
@@ -137,9 +136,9 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.child:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        # the tuner's measurements to stderr, as in run.py's own process
-        logging.basicConfig(stream=sys.stderr, format="  tune %(message)s")
-        logging.getLogger("tilefx.autotune").setLevel(logging.DEBUG)
+        import run
+
+        run.log_tuner()  # as in run.py's own process
         print(json.dumps(_child(args.model, args.size, args.repeats, args.saved, args.load,
                                 args.rounds)))
         return

@@ -540,6 +540,14 @@ def _stream_macs(rows: list[dict]) -> list[str]:
             f"{'met' if ok else 'not met'}.", ""]
 
 
+def log_tuner() -> None:
+    """Every measurement the tuner takes to stderr, so a row's choice can be explained from the
+    run's log (EfficientNet-B0 @1024 came out untiled in one run and tiled, verified at 0.94x,
+    in fresh processes)."""
+    logging.basicConfig(stream=sys.stderr, format="  tune %(message)s")
+    logging.getLogger("tilefx.autotune").setLevel(logging.DEBUG)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
@@ -549,11 +557,7 @@ def main(argv=None) -> None:
     ap.add_argument("--no-peers", action="store_true", help="skip the peers' rows")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "BENCHMARKS.md"))
     args = ap.parse_args(argv)
-    # Every measurement the tuner takes goes to stderr, so a row's choice can be explained
-    # from the run's log (EfficientNet-B0 @1024 came out untiled in one run and tiled, verified
-    # at 0.94x, in fresh processes).
-    logging.basicConfig(stream=sys.stderr, format="  tune %(message)s")
-    logging.getLogger("tilefx.autotune").setLevel(logging.DEBUG)
+    log_tuner()
     default_out = os.path.join(os.path.dirname(__file__), "..", "BENCHMARKS.md")
     if (args.models or args.sizes) and os.path.abspath(args.out) == os.path.abspath(default_out):
         ap.error("--models and --sizes measure part of a section, and a run replaces the "
