@@ -574,6 +574,11 @@ def _plain(gm: GraphModule, ep: Any, inputs: Inputs, dynamic: bool,
     with graph.inserting_after(placeholders[-1]):
         g = graph.call_module("_tilefx_guards", tuple(placeholders))
     g.meta["nn_module_stack"] = {}
+    # Export's graph names the tracer that made it (_ModuleStackTracer), and a GraphModule
+    # pickles that name: torch.load would rebuild it without the scope_root it needs, so every
+    # untiled result failed to load. The code re-traces with fx's plain Tracer, as the tiled
+    # modules' does.
+    graph._tracer_cls, graph._tracer_extras = None, {}
     out = GraphModule(root, graph, class_name=type(gm).__name__)
     for k in ("_in_spec", "_out_spec"):
         if hasattr(gm, k):
