@@ -27,6 +27,7 @@ import torch  # noqa: E402
 
 import tilefx  # noqa: E402
 import tilefx.measure  # noqa: E402
+from tilefx import planner, plans  # noqa: E402
 from models import FAMILY_PACKAGE, catalogue, names  # noqa: E402
 
 from conftest import assert_same_outputs  # noqa: E402
@@ -106,24 +107,29 @@ def test_expect_tiled_names_exist():
 #: default is tiled in one run and whole in the next. DynUNet at 512 once failed to apply
 #: ("nothing to stream before merge node conv2d_14": a region's closure depended on node
 #: addresses, fixed in passes/regions.py).
-#: The default choice is measured (``tune=True``), so near its bound it can move with load.
+#: The test plans with the time model on MACs (``timing="macs"``), so its plan is the same run
+#: after run: the measured default (``tune=True``) puts these models near the bound, where it is
+#: tiled in one run and whole in the next with the machine's load (it failed the slow tier so for
+#: DynUNet, SE-ResNeXt and GhostNet in turn); ``benchmarks/realworld.py`` reports what it measures.
 UNSEEN_STATISTICS = {"timm_ghostnet_100": 512, "timm_seresnext26d_32x4d": 512, "monai_unet": 512,
                      "monai_dynunet": 512}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(UNSEEN_STATISTICS))
-def test_unseen_statistics_models_are_tiled_by_default_with_a_lower_measured_peak(name):
-    """The default ``transform(model, x)`` tiles them, its outputs equal eager's, and its
-    measured peak is lower than eager's."""
+def test_unseen_statistics_models_get_a_tiled_plan_within_the_bound_with_a_lower_measured_peak(name):
+    """The planner's choice within the default time bound tiles them, through their statistics
+    (multi-pass regions, streaming); the applied plan's outputs equal eager's and its measured
+    peak is lower than eager's."""
     build, shape, family = catalogue(UNSEEN_STATISTICS[name])[name]
     pytest.importorskip(FAMILY_PACKAGE[family])
     model = build()
     torch.manual_seed(0)
     x = torch.randn(shape)
-    gm = tilefx.transform(model, x)
-    plan = gm.meta["tilefx_plan"]
+    plan = planner.plan(tilefx.prepare(model, x), x, timing="macs")
     assert plan.regions, f"{name}: {plan.label}"
+    assert plan.overhead <= plans.DEFAULT_MAX_OVERHEAD, (name, plan.label, plan.overhead)
+    gm = tilefx.transform(model, x, plan=plan)
     assert_same_outputs(gm, model, x)
     tiled, eager = tilefx.measure.peak_memory(gm, x), tilefx.measure.peak_memory(model, x)
     assert tiled < eager, (name, plan.label, tiled, eager)
