@@ -252,3 +252,47 @@ def test_a_measured_ratio_logs_both_medians(caplog):
     assert r > 0
     (msg,) = [rec.getMessage() for rec in caplog.records]
     assert msg.startswith("timed untiled ") and ", plan " in msg and msg.count("n=3") == 2
+
+
+def _runs_with_baseline(runs: list[tuple[float, float]]):
+    """A ``ratio_of`` that replays (ratio, untiled median) pairs, as ``measure_ratio`` returns
+    them, and records the calls."""
+    calls = []
+
+    def ratio_of(p, repeats):
+        calls.append(p.regions)
+        r, untiled = runs.pop(0)
+        return autotune.Ratio(r, untiled)
+    return ratio_of, calls
+
+
+def test_a_plan_is_verified_again_when_the_untiled_graph_got_faster_meanwhile():
+    # The search measured r0 at 0.9x against a 1.0 s untiled graph; while verifying, the
+    # untiled graph ran 0.75 s (its heap had grown: page faults served from free chunks) and r0
+    # read 1.05x, within the bound. The baseline moved, so r0 is verified again: 1.3x against
+    # 0.72 s, over the bound, and the untiled model is chosen. The old tuner kept r0 at 1.05x.
+    front = _front([1.0])
+    ratio_of, calls = _runs_with_baseline([(0.9, 1.0), (1.05, 0.75), (1.3, 0.72)])
+    p = autotune.choose_measured(front, ratio_of, 0.15)
+    assert calls == [("r0",)] * 3
+    assert p.regions == ()
+
+
+def test_a_steady_baseline_verifies_once_and_a_moving_one_at_most_max_settle_more_times():
+    front = _front([1.0])
+    ratio_of, calls = _runs_with_baseline([(0.9, 1.0), (0.95, 0.97)])
+    p = autotune.choose_measured(front, ratio_of, 0.15)
+    assert (len(calls), p.regions, p.overhead) == (2, ("r0",), pytest.approx(-0.05))
+
+    # The untiled median halves at every run: the last of 1 + MAX_SETTLE verifying runs counts.
+    runs = [(0.9, 1.0)] + [(1.0 + 0.01 * k, 0.5 ** (k + 1)) for k in range(autotune.MAX_SETTLE + 1)]
+    ratio_of, calls = _runs_with_baseline(runs)
+    p = autotune.choose_measured(_front([1.0]), ratio_of, 0.15)
+    assert len(calls) == 2 + autotune.MAX_SETTLE and not runs
+    assert p.overhead == pytest.approx(0.01 * autotune.MAX_SETTLE)
+
+
+def test_measure_ratio_keeps_the_untiled_median():
+    x = torch.randn(64, 64)
+    r = autotune.measure_ratio(lambda t: t @ t, lambda t: t + t, (x,), repeats=3)
+    assert isinstance(r, float) and r.untiled_s > 0
