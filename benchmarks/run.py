@@ -395,9 +395,10 @@ def header() -> str:
         "planning where the choice was tuned (`tilefx.autotune`; *model* is then the time model's "
         "prediction for the same plan), predicted otherwise. *base ms*: the untiled graph's median "
         "call; kernel share: of one call's CPU time (`getrusage`), the part spent in the kernel, "
-        "mostly faulting in the pages of allocations over glibc's 32 MiB mmap threshold, which "
-        "tiles' small buffers avoid; it varies with the machine's state, and so does the "
-        "untiled time. Error: "
+        "mostly faulting in the fresh pages glibc maps for large allocations that no free chunk "
+        "of its heap fits, which tiles' small buffers avoid; it varies with the process's "
+        "history (a heap grown by earlier calls serves them without faults) and the machine's "
+        "state, and so does the untiled time. Error: "
         "max abs difference from eager, and relative to the output's largest magnitude.",
     ])
 
