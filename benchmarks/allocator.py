@@ -15,9 +15,9 @@ import sys
 import tempfile
 
 ABOUT = """\
-At 1024 an untiled call spends a third to a half of its CPU time in the kernel: glibc maps every
-allocation over its mmap threshold (at most 32 MiB) afresh and the kernel faults its pages in on
-every call, while a tiled plan's buffers are small and reused from the heap. The latency ratios
+At 1024 an untiled call spends a third to a half of its CPU time in the kernel: glibc maps an
+allocation over its mmap threshold (at most 32 MiB) afresh unless a free chunk of its heap fits
+it, and the kernel faults its pages in on every call, while a tiled plan's buffers are small and reused from the heap. The latency ratios
 of the other sections, measured under glibc's defaults as most users run, so credit tiling with
 time the untiled graph loses to the allocator. This section times the same plan under
 

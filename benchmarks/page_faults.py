@@ -4,8 +4,8 @@ time and wall time per call, with torch's default allocation and with huge pages
     python benchmarks/page_faults.py                      # ResNet-50 @1024, 5 calls each
     python benchmarks/page_faults.py --model mobilenet_v2 --size 1024 --calls 8
 
-glibc maps every allocation over its mmap threshold (at most 32 MiB) afresh and the kernel faults
-its pages in on first touch, on every call; ``THP_MEM_ALLOC_ENABLE=1`` makes torch ask for 2 MiB
+glibc maps an allocation over its mmap threshold (at most 32 MiB) afresh unless a free chunk of
+its heap fits it, and the kernel faults its pages in on first touch, on every call; ``THP_MEM_ALLOC_ENABLE=1`` makes torch ask for 2 MiB
 pages (fewer faults, each zeroing more), and ``MALLOC_MMAP_MAX_=0`` with a high trim threshold
 keeps the memory in glibc's heap (``allocator.ALLOCATORS``). A tiled plan's buffers are small and
 reused, so this is time tiling avoids: BENCHMARKS.md's "kernel share" column shows it per row,

@@ -237,8 +237,9 @@ KERNEL_SHARE_S = 0.5
 
 def kernel_use(fn, x) -> tuple[float, float]:
     """The share of one call's CPU time spent in the kernel, and the minor page faults per call
-    (the kernel's time is mostly those: glibc maps every allocation over its mmap threshold
-    afresh, and the kernel faults its pages in on first touch)."""
+    (the kernel's time is mostly those: glibc maps an allocation over its mmap threshold
+    afresh unless a free chunk of its heap fits it, and the kernel faults its pages in on first
+    touch)."""
     r0, t0, calls = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter(), 0
     with torch.no_grad():  # calls for at least KERNEL_SHARE_S: the kernel's clock is coarse
         while True:
