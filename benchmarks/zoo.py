@@ -5,7 +5,8 @@
 
 For each model: ``tilefx.transform(model, x)`` with no options (the planner's default), the
 measured peak of the untiled captured model and of the result (``tilefx.measure.peak_memory``),
-and the largest output difference relative to the output's scale. Models whose own code fixes
+the planner's predictions of both (``Plan.baseline_peak_bytes``, ``Plan.peak_bytes``) and how far
+each is from its measurement, and the largest output difference relative to the output's scale. Models whose own code fixes
 the input size (ViT, MaxViT) run at that size. Numbers are never edited by hand: rerun.
 """
 
@@ -55,11 +56,33 @@ def run(name: str, size: int) -> dict:
     err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
     base, tiled = peak_memory(tilefx.prepare(model, x), x), peak_memory(gm, x)
     plan = " then ".join(map(str, p.regions)) if getattr(p, "regions", ()) else "untiled"
-    return dict(name=name, size=s, plan=plan, base=base, tiled=tiled, err=err, plan_s=plan_s)
+    # A model transformed part by part (tilefx.parts) has no one plan, so no prediction.
+    pred = (p.baseline_peak_bytes, p.peak_bytes) if p is not None else None
+    return dict(name=name, size=s, plan=plan, base=base, tiled=tiled, pred=pred, err=err,
+                plan_s=plan_s)
+
+
+def prediction_errors(r: dict) -> tuple[float, float] | None:
+    """How far the predicted peaks (untiled, tiled) are from the measured ones: |pred/meas - 1|."""
+    if r["pred"] is None:
+        return None
+    return tuple(abs(p / max(m, 1) - 1) for p, m in zip(r["pred"], (r["base"], r["tiled"])))
+
+
+def _mib_pair(r: dict) -> str:
+    return "-" if r["pred"] is None else " / ".join(f"{b / 2**20:.1f}" for b in r["pred"])
+
+
+def _error_pair(r: dict) -> str:
+    e = prediction_errors(r)
+    return "-" if e is None else " / ".join(f"{x:.1%}" for x in e)
 
 
 def render(rows: list[dict], failed: list[tuple[str, str]], skipped: list[str], wall: float) -> str:
     lower = sum(r["tiled"] < r["base"] for r in rows)
+    errors = [e for r in rows for e in (prediction_errors(r) or ())]
+    worst = max(((max(prediction_errors(r)), r["name"]) for r in rows if r["pred"] is not None),
+                default=None)
     lines = [
         "# tilefx on the torchvision classification zoo",
         "",
@@ -76,15 +99,21 @@ def render(rows: list[dict], failed: list[tuple[str, str]], skipped: list[str], 
         "*rel err*: largest output difference over the output's largest magnitude. Where the "
         "default stays untiled, no plan lowered the predicted peak within the default time "
         "bound (+15%): at small maps the floor is then the largest layer's own tensors and "
-        "workspace, which tiling cannot lower.",
+        "workspace, which tiling cannot lower. *predicted MiB*: the planner's static prediction "
+        "of the untiled and the chosen plan's peak (`tilefx.passes.memory`), and how far each "
+        "is from its measurement (-: a model transformed part by part, with no one plan).",
         "",
-        "| model | input | default plan | base peak MiB | tiled peak MiB | ratio | rel err | plan s |",
-        "|---|---|---|---|---|---|---|---|",
+        f"Predicted vs measured peak: {sum(e <= 0.10 for e in errors)} of {len(errors)} within "
+        f"10%" + (f"; largest error {worst[0]:.1%} ({worst[1]})." if worst else "."),
+        "",
+        "| model | input | default plan | base peak MiB | tiled peak MiB | ratio | predicted MiB "
+        "(base / tiled) | prediction error | rel err | plan s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(f"| {r['name']} | {r['size']} | `{r['plan']}` | {r['base'] / 2**20:.1f} | "
                      f"{r['tiled'] / 2**20:.1f} | {r['base'] / max(r['tiled'], 1):.2f}x | "
-                     f"{r['err']:.1e} | {r['plan_s']:.1f} |")
+                     f"{_mib_pair(r)} | {_error_pair(r)} | {r['err']:.1e} | {r['plan_s']:.1f} |")
     if failed:
         lines += ["", "## Failed", "", "| model | error |", "|---|---|"]
         lines += [f"| {n} | {e} |" for n, e in failed]

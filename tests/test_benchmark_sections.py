@@ -123,3 +123,21 @@ def test_the_allocator_rows_get_their_own_table_and_no_other_section_shows_them(
     assert block.count("- resnet50@1024 (default): `plan 0`") == 1
     assert block.count("- resnet50@1024 (the same, planned there): `plan 3`") == 1
     assert "plan 1" not in block and "plan 2" not in block
+
+
+def test_the_zoo_table_counts_its_peak_predictions_within_ten_percent():
+    # Issue 10 holds BENCHMARKS_ZOO.md's rows to peak predictions within 10% as well: the zoo
+    # shows each prediction beside its measurement and counts them. Pure text, no model runs.
+    import zoo  # imports torch and torchvision, and measures nothing
+
+    mib = 2**20
+    rows = [dict(name="a", size=384, plan="x @ 2x2", base=100 * mib, tiled=20 * mib,
+                 pred=(100 * mib, 21 * mib), err=0.0, plan_s=1.0),       # 0% / 5%
+            dict(name="b", size=384, plan="untiled", base=50 * mib, tiled=50 * mib,
+                 pred=(40 * mib, 40 * mib), err=0.0, plan_s=1.0),        # 20% / 20%
+            dict(name="c", size=384, plan="untiled", base=10 * mib, tiled=10 * mib,
+                 pred=None, err=0.0, plan_s=1.0)]                        # parts: no plan
+    text = zoo.render(rows, [], [], 60.0)
+    assert "Predicted vs measured peak: 2 of 4 within 10%; largest error 20.0% (b)." in text
+    assert "| 100.0 / 21.0 | 0.0% / 5.0% |" in text
+    assert "| c | 384 | `untiled` | 10.0 | 10.0 | 1.00x | - | - |" in text
