@@ -296,3 +296,16 @@ def test_measure_ratio_keeps_the_untiled_median():
     x = torch.randn(64, 64)
     r = autotune.measure_ratio(lambda t: t @ t, lambda t: t + t, (x,), repeats=3)
     assert isinstance(r, float) and r.untiled_s > 0
+
+
+def test_the_next_plan_verified_is_compared_with_the_baseline_the_last_verification_found():
+    # r1 passes the search against a 1.0 s untiled graph, then verifies at 1.05x against 0.75 s
+    # (moved) and again at 1.3x against 0.74 s: it fails. The search goes on and r0 passes,
+    # 0.85x against 0.74 s; its verifying run, at 0.73 s, agrees with the last verification's baseline, so it is
+    # not verified again (comparing with every search median, 1.0 s among them, would).
+    front = _front([1.0, 1.0])
+    ratio_of, calls = _runs_with_baseline([(0.9, 1.0), (1.05, 0.75), (1.3, 0.74),
+                                           (0.85, 0.74), (1.0, 0.73)])
+    p = autotune.choose_measured(front, ratio_of, 0.15)
+    assert calls == [("r1",)] * 3 + [("r0",)] * 2
+    assert p.regions == ("r0",) and p.overhead == pytest.approx(0.0)

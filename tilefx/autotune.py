@@ -210,12 +210,14 @@ def choose_measured(front: Frontier, ratio_of: Callable[[Plan, int], float], max
     cands = [p for p in plans if any(p.rewrite)
              and p.time_s <= p.baseline_time_s * limit * SLACK]
     measured: dict[int, float] = {}
-    searched_untiled: list[float] = []  # the untiled medians the search measured against
+    # The untiled medians measured since the last verifying run (that run's own first): what
+    # the next verifying run's baseline is compared with.
+    untiled_seen: list[float] = []
 
     def timed(p: Plan, repeats: int, why: str) -> float:
         r = ratio_of(p, repeats)
         if why in ("searched", "confirmed") and getattr(r, "untiled_s", None):
-            searched_untiled.append(r.untiled_s)
+            untiled_seen.append(r.untiled_s)
         log.debug("%s %s: %.3fx over untiled (%d rounds; predicted %.3fx, bound %.3fx)",
                   why, " then ".join(map(str, p.regions)), r, repeats,
                   p.time_s / p.baseline_time_s, limit)
@@ -266,7 +268,9 @@ def choose_measured(front: Frontier, ratio_of: Callable[[Plan, int], float], max
             chosen, ratio = _choose(cands, measured, -1, limit, untiled, plans[0], allow_untiled)
             break
         ratio = timed(chosen, verify_repeats(chosen), "verified")
-        ratio = _settle(chosen, ratio, searched_untiled, timed)
+        ratio = _settle(chosen, ratio, untiled_seen, timed)
+        if getattr(ratio, "untiled_s", None):
+            untiled_seen[:] = [ratio.untiled_s]
         if ratio <= limit or lo < 0:  # within the bound, or nothing passed (a fixed grid)
             break
         i = next(i for i, p in enumerate(cands) if p is chosen)
@@ -281,13 +285,13 @@ def choose_measured(front: Frontier, ratio_of: Callable[[Plan, int], float], max
     return _tuned(front, chosen, ratio)
 
 
-def _settle(p: Plan, ratio: float, searched_untiled: list[float],
+def _settle(p: Plan, ratio: float, untiled_seen: list[float],
             timed: Callable[[Plan, int, str], float]) -> float:
     """``p``'s verified ratio once the untiled graph's median has stopped moving: while the
     last verifying run's untiled median lies BASELINE_MOVED away from the one before (first
-    the search's), ``p`` is verified again, at most MAX_SETTLE more times; the last run
+    the median of ``untiled_seen``), ``p`` is verified again, at most MAX_SETTLE more times; the last run
     counts."""
-    before = searched_untiled
+    before = untiled_seen
     for _ in range(MAX_SETTLE):
         now = getattr(ratio, "untiled_s", None)
         if not _moved(now, before):
