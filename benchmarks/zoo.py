@@ -1,6 +1,6 @@
 """Regenerate BENCHMARKS_ZOO.md: tilefx's default on every torchvision classification model.
 
-    python benchmarks/zoo.py                      # all classification models at 384x384 (~45 min)
+    python benchmarks/zoo.py                      # all classification models at 384x384 (over an hour on 2 cores)
     python benchmarks/zoo.py --size 384 --models resnet18 vgg11
 
 For each model: ``tilefx.transform(model, x)`` with no options (the planner's default), the
@@ -144,7 +144,8 @@ def main(argv=None) -> None:
             continue
         rows.append(r)
         print(f"  {name}@{r['size']}: {r['plan']} {r['base'] / 2**20:.1f} -> {r['tiled'] / 2**20:.1f} MiB "
-              f"err {r['err']:.1e}", file=sys.stderr, flush=True)
+              f"(predicted {_mib_pair(r)}, off by {_error_pair(r)}) err {r['err']:.1e} "
+              f"({r['plan_s']:.0f} s)", file=sys.stderr, flush=True)
     with open(args.out, "w") as f:
         f.write(render(rows, failed, skipped, time.perf_counter() - t0))
     print(f"wrote {os.path.abspath(args.out)}", file=sys.stderr)
