@@ -5,9 +5,10 @@
 
 For each model: ``tilefx.transform(model, x)`` with no options (the planner's default), the
 measured peak of the untiled captured model and of the result (``tilefx.measure.peak_memory``),
-the planner's predictions of both (``Plan.baseline_peak_bytes``, ``Plan.peak_bytes``) and how far
-each is from its measurement, and the largest output difference relative to the output's scale. Models whose own code fixes
-the input size (ViT, MaxViT) run at that size. Numbers are never edited by hand: rerun.
+the planner's predictions of both (``Plan.baseline_peak_bytes``, ``Plan.peak_bytes``) and how
+far each is from its measurement, and the largest output difference relative to the output's
+scale. Models whose own code fixes the input size (ViT, MaxViT) run at that size. Numbers are
+never edited by hand: rerun.
 """
 
 from __future__ import annotations
@@ -80,9 +81,9 @@ def _error_pair(r: dict) -> str:
 
 def render(rows: list[dict], failed: list[tuple[str, str]], skipped: list[str], wall: float) -> str:
     lower = sum(r["tiled"] < r["base"] for r in rows)
-    errors = [e for r in rows for e in (prediction_errors(r) or ())]
-    worst = max(((max(prediction_errors(r)), r["name"]) for r in rows if r["pred"] is not None),
-                default=None)
+    per_row = [(prediction_errors(r), r["name"]) for r in rows]
+    errors = [e for pair, _ in per_row for e in (pair or ())]
+    worst = max(((max(pair), name) for pair, name in per_row if pair), default=None)
     lines = [
         "# tilefx on the torchvision classification zoo",
         "",

@@ -62,6 +62,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import statistics
 from dataclasses import replace
 from typing import Any, Callable
 
@@ -165,12 +166,10 @@ def measure_ratio(baseline: Callable, candidate: Callable, args: tuple,
     return Ratio(stats["plan"].median_s / stats["base"].median_s, stats["base"].median_s)
 
 
-def _moved(now: float, before: list[float]) -> bool:
-    """Whether the untiled median ``now`` lies more than BASELINE_MOVED from the median of
-    ``before``."""
-    if now is None or not before:
+def _moved(now: float | None, was: float | None) -> bool:
+    """Whether the untiled median ``now`` lies more than BASELINE_MOVED from ``was``."""
+    if not now or not was:
         return False
-    was = sorted(before)[len(before) // 2]
     return abs(math.log(now / was)) > math.log1p(BASELINE_MOVED)
 
 
@@ -291,14 +290,14 @@ def _settle(p: Plan, ratio: float, untiled_seen: list[float],
     last verifying run's untiled median lies BASELINE_MOVED away from the one before (first
     the median of ``untiled_seen``), ``p`` is verified again, at most MAX_SETTLE more times; the last run
     counts."""
-    before = untiled_seen
+    was = statistics.median(untiled_seen) if untiled_seen else None
     for _ in range(MAX_SETTLE):
         now = getattr(ratio, "untiled_s", None)
-        if not _moved(now, before):
+        if not _moved(now, was):
             break
         log.debug("the untiled graph ran %.1f ms verifying, %.1f ms before: verifying again",
-                  now * 1e3, sorted(before)[len(before) // 2] * 1e3)
-        before = [now]
+                  now * 1e3, was * 1e3)
+        was = now
         ratio = timed(p, verify_repeats(p), "verified again")
     return ratio
 
