@@ -1,6 +1,6 @@
 """Regenerate BENCHMARKS_ZOO.md: tilefx's default on every torchvision classification model.
 
-    python benchmarks/zoo.py                      # all classification models at 384x384 (over an hour on 2 cores)
+    python benchmarks/zoo.py                      # every classification model at 384 (over an hour, 2 cores)
     python benchmarks/zoo.py --size 384 --models resnet18 vgg11
 
 For each model: ``tilefx.transform(model, x)`` with no options (the planner's default), the

@@ -301,8 +301,9 @@ def test_measure_ratio_keeps_the_untiled_median():
 def test_the_next_plan_verified_is_compared_with_the_baseline_the_last_verification_found():
     # r1 passes the search against a 1.0 s untiled graph, then verifies at 1.05x against 0.75 s
     # (moved) and again at 1.3x against 0.74 s: it fails. The search goes on and r0 passes,
-    # 0.85x against 0.74 s; its verifying run, at 0.73 s, agrees with the last verification's baseline, so it is
-    # not verified again (comparing with every search median, 1.0 s among them, would).
+    # 0.85x against 0.74 s; its verifying run, at 0.73 s, agrees with the last verification's
+    # baseline, so it is not verified again (comparing with every search median, 1.0 s among
+    # them, would).
     front = _front([1.0, 1.0])
     ratio_of, calls = _runs_with_baseline([(0.9, 1.0), (1.05, 0.75), (1.3, 0.74),
                                            (0.85, 0.74), (1.0, 0.73)])

@@ -166,6 +166,11 @@ def measure_ratio(baseline: Callable, candidate: Callable, args: tuple,
     return Ratio(stats["plan"].median_s / stats["base"].median_s, stats["base"].median_s)
 
 
+def _untiled_of(r: float) -> float | None:
+    """The untiled median a measured ratio was taken against (a :class:`Ratio`), else None."""
+    return getattr(r, "untiled_s", None)
+
+
 def _moved(now: float | None, was: float | None) -> bool:
     """Whether the untiled median ``now`` lies more than BASELINE_MOVED from ``was``."""
     if not now or not was:
@@ -215,17 +220,21 @@ def choose_measured(front: Frontier, ratio_of: Callable[[Plan, int], float], max
 
     def timed(p: Plan, repeats: int, why: str) -> float:
         r = ratio_of(p, repeats)
-        if why in ("searched", "confirmed") and getattr(r, "untiled_s", None):
-            untiled_seen.append(r.untiled_s)
         log.debug("%s %s: %.3fx over untiled (%d rounds; predicted %.3fx, bound %.3fx)",
                   why, " then ".join(map(str, p.regions)), r, repeats,
                   p.time_s / p.baseline_time_s, limit)
         return r
 
+    def searched(p: Plan, why: str) -> float:
+        r = timed(p, search_repeats(p), why)
+        if _untiled_of(r):
+            untiled_seen.append(_untiled_of(r))
+        return r
+
     def measure(p: Plan) -> float:
-        r = timed(p, search_repeats(p), "searched")
+        r = searched(p, "searched")
         if CONFIRM_WITHIN * limit < r <= limit:
-            r = max(r, timed(p, search_repeats(p), "confirmed"))
+            r = max(r, searched(p, "confirmed"))
         return r
 
     def search(lo: int, hi: int) -> int:
@@ -268,8 +277,8 @@ def choose_measured(front: Frontier, ratio_of: Callable[[Plan, int], float], max
             break
         ratio = timed(chosen, verify_repeats(chosen), "verified")
         ratio = _settle(chosen, ratio, untiled_seen, timed)
-        if getattr(ratio, "untiled_s", None):
-            untiled_seen[:] = [ratio.untiled_s]
+        if _untiled_of(ratio):
+            untiled_seen[:] = [_untiled_of(ratio)]
         if ratio <= limit or lo < 0:  # within the bound, or nothing passed (a fixed grid)
             break
         i = next(i for i, p in enumerate(cands) if p is chosen)
@@ -288,11 +297,11 @@ def _settle(p: Plan, ratio: float, untiled_seen: list[float],
             timed: Callable[[Plan, int, str], float]) -> float:
     """``p``'s verified ratio once the untiled graph's median has stopped moving: while the
     last verifying run's untiled median lies BASELINE_MOVED away from the one before (first
-    the median of ``untiled_seen``), ``p`` is verified again, at most MAX_SETTLE more times; the last run
-    counts."""
+    the median of ``untiled_seen``), ``p`` is verified again, at most MAX_SETTLE more times;
+    the last run counts."""
     was = statistics.median(untiled_seen) if untiled_seen else None
     for _ in range(MAX_SETTLE):
-        now = getattr(ratio, "untiled_s", None)
+        now = _untiled_of(ratio)
         if not _moved(now, was):
             break
         log.debug("the untiled graph ran %.1f ms verifying, %.1f ms before: verifying again",
