@@ -17,9 +17,10 @@ import tempfile
 ABOUT = """\
 At 1024 an untiled call spends a third to a half of its CPU time in the kernel: glibc maps an
 allocation over its mmap threshold (at most 32 MiB) afresh unless a free chunk of its heap fits
-it, and the kernel faults its pages in on every call, while a tiled plan's buffers are small and reused from the heap. The latency ratios
-of the other sections, measured under glibc's defaults as most users run, so credit tiling with
-time the untiled graph loses to the allocator. This section times the same plan under
+it, and the kernel faults its pages in on every call, while a tiled plan's buffers are small
+and reused from the heap. The latency ratios of the other sections, measured under glibc's
+defaults as most users run, so credit tiling with time the untiled graph loses to the
+allocator. This section times the same plan under
 
 - *default*: glibc's defaults;
 - `THP_MEM_ALLOC_ENABLE=1`: torch asks for 2 MiB pages (`madvise`), up to 512x fewer faults;

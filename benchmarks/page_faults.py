@@ -5,10 +5,11 @@ time and wall time per call, with torch's default allocation and with huge pages
     python benchmarks/page_faults.py --model mobilenet_v2 --size 1024 --calls 8
 
 glibc maps an allocation over its mmap threshold (at most 32 MiB) afresh unless a free chunk of
-its heap fits it, and the kernel faults its pages in on first touch, on every call; ``THP_MEM_ALLOC_ENABLE=1`` makes torch ask for 2 MiB
-pages (fewer faults, each zeroing more), and ``MALLOC_MMAP_MAX_=0`` with a high trim threshold
-keeps the memory in glibc's heap (``allocator.ALLOCATORS``). A tiled plan's buffers are small and
-reused, so this is time tiling avoids: BENCHMARKS.md's "kernel share" column shows it per row,
+its heap fits it, and the kernel faults its pages in on first touch, on every call;
+``THP_MEM_ALLOC_ENABLE=1`` makes torch ask for 2 MiB pages (fewer faults, each zeroing more),
+and ``MALLOC_MMAP_MAX_=0`` with a high trim threshold keeps the memory in glibc's heap
+(``allocator.ALLOCATORS``). A tiled plan's buffers are small and reused, so this is time tiling
+avoids: BENCHMARKS.md's "kernel share" column shows it per row,
 its allocator section the plans' times under each allocator. Each setting runs in its own
 process (the variables are read when it starts). Not part of the test suite.
 """
