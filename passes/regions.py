@@ -21,7 +21,7 @@ from ..statistics import Statistic
 from .receptive_field import facts
 
 __all__ = ["resolve_merge", "find_region", "Region", "Phase", "phases_of", "member_rule",
-           "ancestors_within",
+           "ancestors_within", "mutated_source",
            "statistic_of",
            "tensor_valued", "in_module"]
 
@@ -148,6 +148,17 @@ def _statistics_behind(u: Node, stop: set[Node], multipass: bool) -> list[Node]:
     return out
 
 
+def mutated_source(n: Node, rule: SpatialRule) -> Node | None:
+    """The tensor an in-place member (``add_``, ``relu_``) writes into, or None for one that
+    writes a new tensor. A tile can run it only on a tile of a region tensor read by it alone:
+    on a tensor stored before the region, overlapping tile windows would write its halos twice.
+    """
+    if not rule.attrs.get("inplace"):
+        return None
+    srcs = {name for name, _ in rule.inputs}
+    return next(u for u in n.all_input_nodes if u.name in srcs)
+
+
 def find_region(gm: GraphModule, merge_nodes: list[Node], start: Iterable[Node] = (),
                 multipass: bool = False) -> Region:
     """The region before ``merge_nodes``.
@@ -249,7 +260,7 @@ def find_region(gm: GraphModule, merge_nodes: list[Node], start: Iterable[Node] 
                     u not in region for u in n.users):
                 ok = False  # a split read outside: the region ends before it, at its input
             if ok and r.attrs.get("inplace"):
-                src = next(u for u in n.all_input_nodes if u.name in srcs)
+                src = mutated_source(n, r)
                 ok = src in region and len(src.users) == 1
             if not ok:
                 region.discard(n)

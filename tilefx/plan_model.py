@@ -46,7 +46,7 @@ from .cost import Calibration, NodeCost, mac_node_costs, measure_node_costs, wei
 from .errors import TilingError
 from .passes.memory import Step, im2col_workspace, liveness, record, uses_onednn
 from .passes.receptive_field import facts
-from .passes.regions import find_region, member_rule, tensor_valued
+from .passes.regions import find_region, member_rule, mutated_source, tensor_valued
 from .primitives import input_facts, native_layout_copy, onednn_channels_last_workspace, op_params
 from .rules import SpatialRule
 from .tiling import RegionNode, propagate_axis, split
@@ -319,11 +319,17 @@ class StaticModel:
         start, end = a.position, b.position
         region = [n for n in self._region(end) if self.index[n] >= start]
         seeds = {u for u in self.nodes[end].all_input_nodes if "tilefx" in u.meta and facts(u).spatial}
-        own = bool(start) and not seeds & set(region)
+        inside = set(region)
+        writes_before = any(mutated_source(n, facts(n).rule) not in inside
+                            for n in region if facts(n).rule.attrs.get("inplace"))
+        own = bool(start) and (not seeds & inside or writes_before)
         if own:
-            # The region from the graph's input stops short of this merge node (a squeeze-and-
-            # excitation gate between them is computed from a barrier); one that starts after
-            # the boundary does not: the gate is then computed before it and read as a value.
+            # The suffix of the region from the graph's input is not this region: that region
+            # stops short of this merge node (a squeeze-and-excitation gate between them is
+            # computed from a barrier) and one that starts after the boundary does not (the gate
+            # is then computed before it and read as a value); or an in-place op in the suffix
+            # writes into a tensor stored across the boundary (a residual add_ into the main
+            # path's output), which a tile cannot, so the region the rewrite draws ends before it.
             try:
                 region = find_region(self.gm, [self.nodes[end]], list(a.alive)).nodes
             except TilingError:
