@@ -47,7 +47,8 @@ from .errors import TilingError
 from .passes.memory import Step, im2col_workspace, liveness, record, uses_onednn
 from .passes.receptive_field import facts
 from .passes.regions import find_region, member_rule, mutated_source, tensor_valued
-from .primitives import input_facts, native_layout_copy, onednn_channels_last_workspace, op_params
+from .primitives import (input_facts, native_layout_copy, onednn_blocked, onednn_channels_last_workspace,
+                         onednn_input_reorder, op_params)
 from .rules import SpatialRule
 from .tiling import RegionNode, propagate_axis, split
 
@@ -470,7 +471,7 @@ class WindowOp(NamedTuple):
     channels_out: int
     pointwise: bool      # a 1x1 convolution
     pad_copies: bool     # F.pad copies its crop where the read leaves the map
-    shared_source: bool  # its source has several readers: the halo crop is a copy
+    shared_source: bool  # the halo crop copies: several ops read the source, or it is stored
     frees_source: int    # the source's storage, when this op is its last reader (else -1):
                          # a copying crop frees it before the op itself runs
     batch: int = 1       # the map's batch size (ATen's dispatch between oneDNN and im2col)
@@ -600,7 +601,11 @@ def _body(model: StaticModel, seg: Segment) -> Body:
                 weight_bytes=info.get("w_bytes", 0), out_bpp=model.bpp(n),
                 channels_out=info.get("channels", 1), pointwise=info.get("pw", False),
                 pad_copies=_window(rule) and rule.kind != "pad",
-                shared_source=readers.get(src.name, 0) > 1,
+                # kernels.halo_crop copies a window narrowed out of a map (not contiguous): a
+                # source read by several ops (each crops its own window), or one stored
+                # before the region (the full map: ShuffleNetV2's stem convolution copied its
+                # 0.26 MiB crop of the image, which the model had as a view).
+                shared_source=readers.get(src.name, 0) > 1 or src.name not in pos,
                 frees_source=s_src if s_src >= 0 and last[s_src] == i else -1,
                 batch=tm.shape[0] if hasattr(tm, "shape") else 1,
                 kernel=info.get("kernel", ()), stride=info.get("stride", ()),
@@ -640,8 +645,9 @@ def _body(model: StaticModel, seg: Segment) -> Body:
     op_arrays = dict(
         pos=col(lambda o: o.position, int), src_bpp=col(lambda o: o.source_bpp),
         channels=col(lambda o: o.channels_in * o.batch),
-        out_bpp=col(lambda o: o.out_bpp), reorders_in=col(lambda o: o.channels_in > 4, bool),
-        round16=col(lambda o: (-(-o.channels_out // 16) * 16) / max(o.channels_out, 1)),
+        # oneDNN's blocked copies of the input and the output, per byte of each
+        out_bpp=col(lambda o: o.out_bpp), in16=col(lambda o: onednn_input_reorder(o.channels_in)),
+        round16=col(lambda o: onednn_blocked(o.channels_out)),
         w=col(lambda o: o.weight_bytes), pw=col(lambda o: o.pointwise, bool),
         conv=col(lambda o: o.kind == "conv", bool), maxpool=col(lambda o: o.kind == "maxpool", bool),
         shared=col(lambda o: o.shared_source, bool), pads=col(lambda o: o.pad_copies, bool),
@@ -708,7 +714,7 @@ def tile_cost(model: StaticModel, seg: Segment, grid: tuple[int, ...]) -> TileCo
         ws = np.zeros_like(out_b)
         if model.workspace == "cpu":
             out16 = out_b * o["round16"][:, None]
-            held = np.maximum(np.where(o["reorders_in"][:, None], crop, 0.0) + o["w"][:, None]
+            held = np.maximum(o["in16"][:, None] * crop + o["w"][:, None]
                               + out16 + np.where(o["pw"][:, None], out_b, 0.0), out16 + out_b)
             nhwc = np.where(o["layout_in"][:, None], crop, 0.0) + o["layout_ws"][:, None]
             ws = np.where(o["conv"][:, None],

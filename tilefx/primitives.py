@@ -36,8 +36,9 @@ other float dtypes the same formulas scale with the element size, a rougher esti
 :func:`options` measures those. ``in``, ``w`` and ``out`` are the input, weight and output bytes:
 
 * ``onednn``, NCHW input: it reorders input, weight and output into blocked layouts for the
-  call: ``max(in' + w + out16 + extra, out16 + out) - out``, where ``in'`` is ``in`` (0 for at
-  most 4 input channels), ``out16`` the output with channels rounded up to 16, and ``extra``,
+  call: ``max(in' + w + out16 + extra, out16 + out) - out``, where ``in'`` is ``in`` with its
+  channels rounded up to 16 (0 for fewer than 16 input channels: oneDNN reads those as they
+  are), ``out16`` the output with channels rounded up to 16, and ``extra``,
   for a strided 1-2d 1x1 convolution whose input extents divide by the stride only, one
   sample's strided input per thread (the only formula that depends on
   ``torch.get_num_threads()``). Channels-last input (or weight): ``w`` for the weight reorder,
@@ -82,11 +83,17 @@ from .errors import TilingError
 
 __all__ = ["uses_onednn", "OpParams", "Primitive", "PrimitiveOption", "CallFacts", "PRIMITIVES", "op_params",
            "candidates", "candidates_for", "refusal", "workspace_bytes", "onednn_nchw_workspace",
+           "onednn_blocked", "onednn_input_reorder",
            "onednn_channels_last_workspace", "native_layout_copy", "input_facts",
            "measure_workspace", "time_primitives", "options", "default_primitive", "call_params",
            "call_facts", "call_operands", "call_workspace", "emitted_primitive"]
 
 aten = torch.ops.aten
+
+#: oneDNN's channel block for float32 on an AVX-512 machine (16 floats, one vector): its blocked
+#: layouts (``nChw16c``) hold channels rounded up to it. Calibrated on AVX-512 only; an AVX2
+#: machine blocks by 8, which these formulas over-predict.
+ONEDNN_BLOCK = 16
 
 #: oneDNN's scratchpad for a groups-1 convolution on channels-last data (measured: 12336 bytes
 #: for most shapes, up to ~140 KiB for 1x1 convolutions of many channels at small maps).
@@ -313,13 +320,27 @@ def _both_layouts(p: OpParams) -> bool:
     return p.weight_shape[1] == 1 or math.prod(p.kernel) == 1
 
 
+def onednn_blocked(channels: int) -> float:
+    """Bytes of oneDNN's blocked copy of an NCHW map per byte of the map: its channels rounded
+    up to :data:`ONEDNN_BLOCK` (24 channels are held as 32)."""
+    return (-(-channels // ONEDNN_BLOCK) * ONEDNN_BLOCK) / max(channels, 1)
+
+
+def onednn_input_reorder(cin: int) -> float:
+    """Bytes of oneDNN's blocked copy of an NCHW convolution's input per byte of the input:
+    none for fewer channels than one block (oneDNN reads the plain layout), else
+    :func:`onednn_blocked`."""
+    return 0.0 if cin < ONEDNN_BLOCK else onednn_blocked(cin)
+
+
 def onednn_nchw_workspace(in_bytes: int, cin: int, w_bytes: int, out_bytes: int, cout: int,
                           extra_bytes: int = 0) -> int:
-    """oneDNN's bytes beyond the output for an NCHW convolution: input (more than 4 channels),
-    weight and output reordered to blocked layouts, the output's channels rounded up to 16,
-    plus ``extra_bytes`` held with them (a strided 1x1 convolution's, :func:`workspace_bytes`)."""
-    in_r = in_bytes if cin > 4 else 0
-    out16 = out_bytes * (-(-cout // 16) * 16) // max(cout, 1)
+    """oneDNN's bytes beyond the output for an NCHW convolution: input (one block of channels
+    or more), weight and output reordered to blocked layouts, channels rounded up to the block
+    (:func:`onednn_blocked`), plus ``extra_bytes`` held with them (a strided 1x1 convolution's,
+    :func:`workspace_bytes`)."""
+    in_r = int(in_bytes * onednn_input_reorder(cin))
+    out16 = int(out_bytes * onednn_blocked(cout))
     held = max(in_r + w_bytes + out16 + extra_bytes, out16 + out_bytes)
     return max(held - out_bytes, 0)
 
