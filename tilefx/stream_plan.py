@@ -33,17 +33,16 @@ import math
 import statistics
 from collections import Counter
 from dataclasses import dataclass, replace
+from typing import Callable
 
 from torch.fx import Node
 
 from .errors import TilingError
-from .passes.memory import conv_scratch
 from .passes.receptive_field import facts
 from .plan_model import Segment, StaticModel
 from .primitive_plan import (MIN_SAVING_BYTES, RELEVANT_SHARE, macs_time_ratio,
                              primitive_extra_s)
-from .primitives import (candidates_for, default_primitive, input_facts, op_params,
-                         time_primitives, workspace_bytes)
+from .primitives import candidates_for, default_primitive, time_primitives, workspace_bytes
 from .streaming import StreamSpec, check_streamable, stages_of, strip_rows
 from .tiling import RegionNode, RegionSpec, source_interval
 
@@ -76,10 +75,12 @@ class StreamCost:
     primitives: tuple[tuple[str, str], ...] = ()
 
 
-def stream_spec(seg: Segment, strip: int) -> StreamSpec:
+def stream_spec(seg: Segment, strip: int, format_node: Callable[[Node], str] = Node.format_node
+                ) -> StreamSpec:
     """The :class:`~tilefx.streaming.StreamSpec` of a planner segment streamed at ``strip``
-    rows (a :class:`~tilefx.TilingError` naming the node it cannot stream)."""
-    nodes = tuple(RegionNode(n.name, facts(n).rule, n.format_node()) for n in seg.nodes)
+    rows (a :class:`~tilefx.TilingError` naming the node it cannot stream; ``format_node``
+    describes a node)."""
+    nodes = tuple(RegionNode(n.name, facts(n).rule, format_node(n)) for n in seg.nodes)
     check_streamable(nodes)
     outputs = tuple(o.name for o in seg.outputs)
     nsp = len(facts(seg.nodes[0]).sizes)
@@ -139,7 +140,7 @@ def stream_costs(model: StaticModel, seg: Segment, strip: int) -> list[StreamCos
     some convolution has one that holds much less scratch on its strip windows
     (:func:`lean_primitives`), with those; empty when it cannot be streamed."""
     try:
-        spec = stream_spec(seg, strip)
+        spec = stream_spec(seg, strip, model.format_node)
     except TilingError:
         return []
     by_name = {n.name: n for n in seg.nodes}
@@ -178,7 +179,7 @@ def stream_costs(model: StaticModel, seg: Segment, strip: int) -> list[StreamCos
                                               else "other")
         conv = None
         if kind == "conv":
-            params, traced = op_params(node, model.gm), input_facts(node, model.gm)
+            params, traced = model.conv_params(node)
             if params is not None and traced is not None:
                 # A strip's read holds its padding: the op runs unpadded on it.
                 conv = (tuple(traced[0][:len(traced[0]) - nsp]), params.tiled(), traced[1])
@@ -285,8 +286,8 @@ def stream_costs(model: StaticModel, seg: Segment, strip: int) -> list[StreamCos
                         src = op.reads[0][0]
                         lo, hi = reads[(n, src)]
                         pre, params, channels_last = op.conv
-                        ws = conv_scratch(params, pre + (hi - lo,) + read_width[(n, src)],
-                                          channels_last, chosen.get(n, (None,))[0])
+                        ws = model.conv_scratch(params, pre + (hi - lo,) + read_width[(n, src)],
+                                                channels_last, chosen.get(n, (None,))[0])
                     elif op.kind == "maxpool":
                         ws = 2 * own
                     elif op.kind == "transposed":
