@@ -11,8 +11,10 @@ arithmetic:
   residual, and the graph's output when it reads a spatial tensor: a segmentation network can
   be tiled whole), or a U-Net level (a downsampling or an upsampling with at most
   :data:`MAX_SKIPS` skips alive). A region from boundary ``a`` to merge node ``b`` holds the
-  spatial ancestors of ``b`` after the tensors stored across ``a``; it writes the tensors alive
-  across ``b`` that it computes, full-size.
+  spatial ancestors of ``b`` after the tensors stored across ``a``, as the rewrite draws it
+  (``passes.regions.find_region``: no in-place op writing into a stored tensor, so a ResNet
+  region starting after a downsampling block's main path ends before its residual ``add_``);
+  it writes the tensors alive across ``b`` that it computes, full-size.
 * **Memory.** Windows are separable per axis (a tile's window is the product of per-axis
   intervals), so the windows of a ``t``-way split are computed once per axis and the bytes of
   every node in every tile are outer products. One tile's liveness follows the body the rewrite
