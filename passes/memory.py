@@ -22,9 +22,8 @@ so a tile's small window can run native where the whole map runs oneDNN). The fo
 calibrated against the profiler's allocator events (torch 2.14, float32, NCHW and
 channels-last): oneDNN reorders input, weight and output into blocked layouts for the call
 with channels rounded up to its block of 16 (on a channels-last input the weight alone,
-copied to channels-last first when it is not),
-native holds its im2col columns, a matrix product nothing. Max pooling holds two outputs
-besides its own. The weight reorder matters: ResNet's last 3x3 convolutions reorder 9 MiB of
+copied to channels-last first when it is not), native holds its im2col columns, a matrix
+product nothing. Max pooling holds two outputs besides its own. The weight reorder matters: ResNet's last 3x3 convolutions reorder 9 MiB of
 weights, a floor no tiling of the early layers can lower; the ``native`` primitive lowers it.
 ATen's dispatch rule between oneDNN and its own im2col path is
 :func:`tilefx.primitives.uses_onednn`; the plan model prices a tile's window with it.

@@ -348,9 +348,9 @@ class StaticModel:
         region = [n for n in self._region(end) if self.index[n] >= start]
         seeds = {u for u in self.nodes[end].all_input_nodes if "tilefx" in u.meta and facts(u).spatial}
         inside = set(region)
-        writes_before = any(mutated_source(n, facts(n).rule) not in inside
-                            for n in region if facts(n).rule.attrs.get("inplace"))
-        own = bool(start) and (not seeds & inside or writes_before)
+        own = bool(start) and (not seeds & inside or any(
+            src is not None and src not in inside
+            for src in (mutated_source(n, facts(n).rule) for n in region)))
         if own:
             # The suffix of the region from the graph's input is not this region: that region
             # stops short of this merge node (a squeeze-and-excitation gate between them is
