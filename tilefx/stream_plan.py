@@ -206,15 +206,21 @@ def stream_costs(model: StaticModel, seg: Segment, strip: int) -> list[StreamCos
     maps0 = {n: facts(by_name[n]).rule.inputs[0][1][0] for n in by_name
              if ops[n].kind == "transposed"}
     pads = {n: facts(by_name[n]).rule.pad for n in by_name}
-    # Per stage: the position of each node's reader (its value lives until then).
+    # Per stage: the position of the last reader of each allocation (its storage lives until
+    # then), through the views and in-place ops that share it (an in-place ReLU after a
+    # batch norm keeps the norm's output alive until the ReLU's last reader).
     last_use: dict[str, int] = {}
     for st in spec.stages:
         pos = {n: i for i, n in enumerate(st)}
+        owner: dict[str, str] = {}
         for i, n in enumerate(st):
+            shared = None if ops[n].allocates else next(
+                (x for x, _ in ops[n].reads if x in pos and key.get(x) == key.get(n)), None)
+            owner[n] = owner[shared] if shared is not None else n
             for src, _ in ops[n].reads:
                 if src in pos:
-                    last_use[src] = max(last_use.get(src, 0), i)
-        last_use[st[-1]] = len(st)  # the write reads it last
+                    last_use[owner[src]] = max(last_use.get(owner[src], 0), i)
+        last_use[owner[st[-1]]] = len(st)  # the write reads it last
 
     # Each convolution's calls: the window a strip reads of its input, call by call.
     windows: dict[str, list[tuple[int, ...]]] = {}
@@ -238,7 +244,9 @@ def stream_costs(model: StaticModel, seg: Segment, strip: int) -> list[StreamCos
         for j, new in enumerate(rows.new):
             reads = rows.reads[j]
             # Which reads take a producer's new rows (from its value), and the last one of each.
-            fresh: dict[tuple[str, str], tuple[int, int]] = {}  # (consumer, producer): old, new rows
+            # (consumer, producer): stored rows and new rows it takes, and whether the new rows
+            # are the producer's whole value of this strip (then read as it is, not copied)
+            fresh: dict[tuple[str, str], tuple[int, int, bool]] = {}
             last: dict[str, tuple[int, int, str]] = {}
             for (c, src), (lo, hi) in reads.items():
                 if stage_of.get(src) == stage_of[c]:
@@ -246,7 +254,8 @@ def stream_costs(model: StaticModel, seg: Segment, strip: int) -> list[StreamCos
                 clo, chi = source_interval(lo, hi, sizes[src][0], pads[c])
                 a_src = new[src][0] if src in new and src not in whole else chi
                 cut = max(clo, min(chi, a_src))
-                fresh[(c, src)] = (cut - clo, chi - cut)
+                fresh[(c, src)] = (cut - clo, chi - cut,
+                                   src in new and src not in whole and (clo, chi) == new[src])
                 if chi > cut:
                     last[src] = max(last.get(src, (-1, -1, "")), (stage_of[c], order[c], c))
             released: dict[str, list[str]] = {}
@@ -270,12 +279,15 @@ def stream_costs(model: StaticModel, seg: Segment, strip: int) -> list[StreamCos
                         if not other:
                             continue
                         lo, hi = reads[(n, src)]
-                        old, newer = fresh[(n, src)]
+                        old, newer, is_value = fresh[(n, src)]
                         padded = hi - lo != old + newer or not read_full[(n, src)]
-                        # One piece with no padding is a view for a pointwise op (and for any op
-                        # when it is a whole stored map); anything else is copied into one window.
+                        # One piece with no padding is a view for a pointwise op, and for any op
+                        # when it is a whole tensor: a stored map read whole, or the producer's
+                        # rows of this strip read all at once. Anything else is copied into one
+                        # window (stream_kernels.stream_read).
                         view = not padded and (old == 0 or newer == 0) and (
-                            op.pointwise or (src in whole and lo == 0 and hi == sizes[src][0]))
+                            op.pointwise or (old == 0 and is_value)
+                            or (src in whole and lo == 0 and hi == sizes[src][0]))
                         nb = (hi - lo) * read_rb[(n, src)]
                         extra_time += call_s + (0.0 if view else nb * copy_rate)
                         if not view:
