@@ -225,6 +225,25 @@ def test_the_planner_prices_a_channels_last_convolution(tiles, strip):
     _close(max(rest, at + region), measured)
 
 
+def _streamed_whole(model, x, strip):
+    """``model`` streamed whole in strips of ``strip`` rows, checked against eager, and the
+    planner's strip model of that region's peak (the boundary's own peak included)."""
+    from tilefx.capture import as_inputs
+    from tilefx.cost import calibrate
+    from tilefx.passes.stream_rewrite import stream_rewrite
+    from tilefx.plan_model import StaticModel
+    from tilefx.stream_plan import stream_cost
+
+    gm = _annotated(model, x)
+    sm = StaticModel(gm, as_inputs(x), calibrate(), "macs")
+    a, b = sm.boundaries[0], sm.boundaries[-1]
+    seg = sm.segment(a, b)
+    rest, at, _ = sm.span_peaks(seg, a, b)
+    streamed = stream_rewrite(gm, "output", strip)
+    torch.testing.assert_close(streamed(x), model(x), rtol=1e-4, atol=1e-4)  # float32 rounding
+    return streamed, max(rest, at + stream_cost(sm, seg, strip).peak_bytes)
+
+
 @pytest.mark.parametrize("strip", [8, 32])
 def test_the_strip_model_holds_a_channels_last_blocks_hidden_activations(strip):
     """ConvNeXt blocks (folded channels-last blocks) streamed: each strip's call holds the
@@ -233,24 +252,12 @@ def test_the_strip_model_holds_a_channels_last_blocks_hidden_activations(strip):
     42.4 simulated and measured (the tile model already counted them)."""
     from torchvision.models.convnext import CNBlock
 
-    from tilefx.capture import as_inputs
-    from tilefx.cost import calibrate
-    from tilefx.passes.stream_rewrite import stream_rewrite
-    from tilefx.plan_model import StaticModel
-    from tilefx.stream_plan import stream_cost
-
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 32, 4, stride=4), CNBlock(32, 1e-6, 0.0),
                           CNBlock(32, 1e-6, 0.0), nn.Conv2d(32, 8, 1)).eval()
     x = torch.randn(1, 3, 256, 256)
-    gm = _annotated(model, x)
-    sm = StaticModel(gm, as_inputs(x), calibrate(), "macs")
-    a, b = sm.boundaries[0], sm.boundaries[-1]
-    seg = sm.segment(a, b)
-    rest, at, _ = sm.span_peaks(seg, a, b)
-    streamed = stream_rewrite(gm, "output", strip)
-    torch.testing.assert_close(streamed(x), model(x), rtol=1e-4, atol=1e-4)  # float32 rounding
-    _close(max(rest, at + stream_cost(sm, seg, strip).peak_bytes), peak_memory(streamed, x))
+    streamed, static = _streamed_whole(model, x, strip)
+    _close(static, peak_memory(streamed, x))
 
 
 class _ScaleThenConv(nn.Module):
@@ -340,25 +347,12 @@ def test_the_strip_model_keeps_an_inception_blocks_branches_until_their_concat(s
     inception region 0.70 MiB (12%) under the simulator and the measurement."""
     from torchvision.models.googlenet import BasicConv2d, Inception
 
-    from tilefx.capture import as_inputs
-    from tilefx.cost import calibrate
-    from tilefx.passes.stream_rewrite import stream_rewrite
-    from tilefx.plan_model import StaticModel
-    from tilefx.stream_plan import stream_cost
-
     torch.manual_seed(0)
     model = nn.Sequential(BasicConv2d(3, 32, kernel_size=3, padding=1),
                           Inception(32, 16, 16, 24, 8, 12, 12),
                           Inception(64, 24, 16, 32, 8, 16, 16), nn.MaxPool2d(2)).eval()
     x = torch.randn(1, 3, 96, 96)
-    gm = _annotated(model, x)
-    sm = StaticModel(gm, as_inputs(x), calibrate(), "macs")
-    a, b = sm.boundaries[0], sm.boundaries[-1]
-    seg = sm.segment(a, b)
-    rest, at, _ = sm.span_peaks(seg, a, b)
-    streamed = stream_rewrite(gm, "output", strip)
-    torch.testing.assert_close(streamed(x), model(x), rtol=1e-4, atol=1e-4)  # float32 rounding
-    static = max(rest, at + stream_cost(sm, seg, strip).peak_bytes)
+    streamed, static = _streamed_whole(model, x, strip)
     _close(static, simulate(streamed, x).peak_bytes, tol=0.02)
     _close(static, peak_memory(streamed, x), tol=0.05)
 
