@@ -310,3 +310,25 @@ def test_the_next_plan_verified_is_compared_with_the_baseline_the_last_verificat
     p = autotune.choose_measured(front, ratio_of, 0.15)
     assert calls == [("r1",)] * 3 + [("r0",)] * 2
     assert p.regions == ("r0",) and p.overhead == pytest.approx(0.0)
+
+
+def test_a_tie_with_the_untiled_model_goes_to_it_even_when_the_plan_runs_faster():
+    """A plan at the untiled peak (within PEAK_TIE) is not chosen however fast it measures,
+    and is not measured at all: Swin-S @384 was given eleven regions at the untiled peak
+    because they measured 2% faster than the untiled graph."""
+    from tilefx.plans import PEAK_TIE
+
+    base = Plan((), 100, 100, 0.0, 1.0, 1.0)
+    tie = Plan(("r0",), 100 * (1 - PEAK_TIE / 2), 100, 0.0, 0.98, 1.0)
+    p = autotune.choose_measured(Frontier.of([base, tie]),
+                                 lambda p, _: pytest.fail("measured a tie"), 0.15)
+    assert p.regions == () and not p.tuned
+    # The time model's choice follows the same rule (the tie predicted faster drops the
+    # untiled model off the peak/time frontier; it stays among the candidates).
+    front = Frontier.of([base, tie])
+    assert front.choose().regions == ()
+    # A plan clearly lower than the untiled peak is still chosen, and a budget the untiled
+    # model does not fit keeps it out of the tie.
+    low = Plan(("r1",), 50, 100, 0.0, 1.05, 1.0)
+    assert Frontier.of([base, low]).choose().regions == ("r1",)
+    assert front.choose(memory_budget=104, max_overhead=0.15).regions == ("r0",)

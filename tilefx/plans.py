@@ -10,7 +10,8 @@ predicted time) and chooses among them:
   (a TilingError with the lowest reachable peak otherwise);
 * ``max_overhead``: the lowest peak whose predicted time is within ``1 + max_overhead`` of
   the untiled time (plans within :data:`PEAK_TIE` of that peak count as equal, and the fastest
-  of them is chosen: a near-tie in peak is never decided by noise in the predicted times);
+  of them is chosen: a near-tie in peak is never decided by noise in the predicted times;
+  where the untiled model is one of them, it is chosen: a rewrite is for memory);
 * neither: memory first, the same rule with ``max_overhead=DEFAULT_MAX_OVERHEAD``;
 * ``max_extra_compute`` (with any of the above): only plans whose extra MACs (halos computed
   again, skips computed again) are at most that fraction of the untiled model's take part
@@ -219,7 +220,8 @@ class Frontier:
     #: the plans no other plan beats on peak, predicted time and extra MACs at once: what a MAC
     #: limit (:meth:`within_compute`) chooses among. A plan that computes every MAC once can
     #: be off the peak/time frontier (a U-Net whose skip is computed again streams to a lower
-    #: peak in less time) and still be the best plan under the limit.
+    #: peak in less time) and still be the best plan under the limit. The untiled model is
+    #: always one.
     candidates: tuple[Plan, ...] = field(default=(), compare=False, repr=False)
 
     @classmethod
@@ -230,7 +232,11 @@ class Frontier:
         kept = pareto(plans, lambda p: p.peak_bytes, lambda p: p.time_s)
         if not kept:
             raise TilingError("the planner found no plan at all; please report this")
-        return cls(tuple(kept), tuple(_undominated(plans)))
+        # The untiled model stays a candidate even where a plan beats it on every count: a
+        # tie with it in peak goes to it (:meth:`choose`).
+        cands = _undominated(plans)
+        cands += [p for p in plans if not any(p.rewrite) and p not in cands][:1]
+        return cls(tuple(kept), tuple(cands))
 
     def __iter__(self) -> Iterator[Plan]:
         return iter(self.plans)
@@ -294,6 +300,13 @@ class Frontier:
         pool = within or [min(pool, key=lambda p: p.time_s)]
         lowest = min(p.peak_bytes for p in pool)
         ties = [p for p in pool if p.peak_bytes <= lowest * (1 + PEAK_TIE)]
+        # A tie with the untiled model (where the frontier offers it) goes to the untiled
+        # model, even where a tiled plan is predicted faster: a rewrite is for memory.
+        untiled = [p for p in self.candidates or self.plans if not any(p.rewrite)
+                   and (memory_budget is None
+                        or p.peak_bytes * (1 + BUDGET_MARGIN) <= memory_budget)]
+        if untiled and untiled[0].peak_bytes <= lowest * (1 + PEAK_TIE):
+            return self._chosen(untiled[0])
         return self._chosen(min(ties, key=lambda p: (p.time_s, p.peak_bytes)))
 
     def _chosen(self, p: Plan) -> Plan:
