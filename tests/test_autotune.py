@@ -332,3 +332,32 @@ def test_a_tie_with_the_untiled_model_goes_to_it_even_when_the_plan_runs_faster(
     low = Plan(("r1",), 50, 100, 0.0, 1.05, 1.0)
     assert Frontier.of([base, low]).choose().regions == ("r1",)
     assert front.choose(memory_budget=104, max_overhead=0.15).regions == ("r0",)
+
+
+def test_after_the_baseline_speeds_up_the_search_rebases_its_ratios_and_looks_higher():
+    """timm's vgg16 @512 on an Intel Xeon: the untiled graph ran 1.3 s while the search measured
+    the plans near the bound (ratios 0.9-1.1), then 1.0 s while the chosen plan was verified
+    (1.3x and over). Every lowest-peak plan failed its verification and, with the search's
+    budget spent, the choice fell back to the untiled model, though plans at higher peaks ran
+    at 0.88x. Now the stale ratios are re-expressed against the untiled time the process has
+    (ratio * 1.3 / 1.0: they fail too, and are not verified one by one), and the search goes on
+    to the higher-peak plans it had not measured."""
+    n = 12
+    front = _front([1.0] * n)
+    # A plan's own time holds still: the five highest peaks run 0.85 s, the next six 1.3 s
+    # (1.0x against the untiled graph the search saw), the lowest peak 1.7 s.
+    plan_s = {f"r{i}": (0.85 if i < 5 else 1.3 if i < n - 1 else 1.7) for i in range(n)}
+    phase = {"untiled": 1.3}
+    verified = []
+
+    def ratio_of(p, repeats):
+        if repeats >= autotune.VERIFY_REPEATS:
+            phase["untiled"] = 1.0  # the heap has grown: the untiled graph runs faster now
+            verified.append(p.regions)
+        u = phase["untiled"]
+        return autotune.Ratio(plan_s[p.regions[0]] / u, u)
+
+    p = autotune.choose_measured(front, ratio_of, 0.15)
+    assert p.regions and p.regions[0] in {f"r{i}" for i in range(5)} and p.tuned
+    assert p.overhead == pytest.approx(-0.15)
+    assert len(verified) <= 1 + autotune.MAX_SETTLE + 1 + autotune.MAX_SETTLE

@@ -28,8 +28,8 @@ runs, so the default choice measures instead of trusting the prediction near the
   measured, tuned at 3.77x and ran 2.59x in its benchmark row); the verifying run is
   independent of the choice, and it is the time the plan carries. A plan whose verifying run
   is over the bound fails: the search goes on among the higher peaks with what is left of
-  :data:`MAX_TUNED`, and its new choice is verified in turn; after :data:`MAX_VERIFIED`
-  failed verifications the choice is the untiled model;
+  :data:`MAX_TUNED` and :data:`MORE_AFTER_FAILED` more plans, and its new choice is verified
+  in turn; after :data:`MAX_VERIFIED` failed verifications the choice is the untiled model;
 * the untiled graph's own time can move while the tuner runs: glibc serves an allocation from
   a free chunk of its heap when one fits and maps fresh pages only when none does, and a
   minute of tiled plans leaves the heap large and full of free chunks, so the untiled graph's
@@ -40,6 +40,11 @@ runs, so the default choice measures instead of trusting the prediction near the
   the user's process keeps after planning. So where the verifying run's untiled median is
   more than :data:`BASELINE_MOVED` away from the search's, the plan is verified again, until
   two verifying runs agree (at most :data:`MAX_SETTLE` more runs), and the last one counts;
+  where it then fails, the search's ratios taken against a baseline that has moved since are
+  re-expressed against the untiled time the process has now (``ratio * then / now``: the
+  plans' own times hold still, within a few percent, while the untiled graph's moves), so
+  the next choice is not made from stale ratios (timm's vgg16 @512: searched at 0.89x-1.07x
+  against a 1.2-1.4 s untiled graph, verified at 1.27x-1.43x against a 1.0 s one);
 * the chosen plan carries its measured time (``time_s`` = verified ratio x the predicted
   untiled time, ``tuned=True``), and the choice is kept with the node timings'
   key, per process and on disk (``tilefx.cache``), so planning the same model at the same
@@ -72,7 +77,8 @@ from .plans import PEAK_TIE, Frontier, Plan
 
 __all__ = ["choose_measured", "measure_ratio", "clear_tuned", "rounds_for", "search_repeats",
            "verify_repeats", "Ratio", "MAX_TUNED", "SLACK", "REPEATS", "SEARCH_S", "CONFIRM_WITHIN",
-           "VERIFY_REPEATS", "VERIFY_S", "MAX_VERIFIED", "BASELINE_MOVED", "MAX_SETTLE"]
+           "VERIFY_REPEATS", "VERIFY_S", "MAX_VERIFIED", "BASELINE_MOVED", "MAX_SETTLE",
+           "MORE_AFTER_FAILED"]
 
 #: Plans measured at most per choice (a bisection over up to 2**7 candidates, then
 #: the plans past its last failure).
@@ -108,6 +114,12 @@ MAX_VERIFIED = 3
 BASELINE_MOVED = 0.15
 #: Verifying runs at most after the first, while the untiled median keeps moving.
 MAX_SETTLE = 2
+#: Plans the search may measure beyond MAX_TUNED after each failed verification: the failure
+#: says the plans near the bound run slower than the search saw (usually because the untiled
+#: graph sped up under it), so the plans with more room, at higher peaks, deserve a look
+#: before the untiled model is taken (timm's vgg16 @512 fell back to the untiled model with
+#: 20x plans measured at 0.88x that the search had no budget left to reach).
+MORE_AFTER_FAILED = 2
 
 #: Every measurement the tuner takes, at DEBUG (``logging.getLogger("tilefx.autotune")``).
 log = logging.getLogger(__name__)
@@ -178,6 +190,18 @@ def _moved(now: float | None, was: float | None) -> bool:
     return abs(math.log(now / was)) > math.log1p(BASELINE_MOVED)
 
 
+def _rebase(measured: dict[int, float], now: float | None) -> None:
+    """Re-express the search's ratios taken against an untiled median more than
+    BASELINE_MOVED from ``now`` (the latest verifying run's) against ``now``: a plan's own time
+    holds still while the untiled graph's moves with the heap's state (the module docstring),
+    so ``ratio * then / now`` is what the plan would measure against the baseline the process
+    has now. Ratios without their untiled median are left as they are."""
+    for i, r in list(measured.items()):
+        then = _untiled_of(r)
+        if now and then and _moved(now, then):
+            measured[i] = Ratio(r * then / now, now)
+
+
 def choose_measured(front: Frontier, ratio_of: Callable[[Plan, int], float], max_overhead: float,
                     key: Any = None, allow_untiled: bool = True) -> Plan:
     """The lowest-peak plan of ``front`` whose measured latency ratio is within
@@ -240,10 +264,14 @@ def choose_measured(front: Frontier, ratio_of: Callable[[Plan, int], float], max
             r = max(r, searched(p, "confirmed"))
         return r
 
+    # Plans the search may measure: MAX_TUNED, and MORE_AFTER_FAILED more per failed
+    # verification.
+    allowed = [MAX_TUNED]
+
     def search(lo: int, hi: int) -> int:
-        """Measure until MAX_TUNED; ``cands[lo]`` passes (-1: the untiled model), ``cands[hi]``
-        fails. Returns the lowest-peak pass found."""
-        while hi - lo > 1 and len(measured) < MAX_TUNED:
+        """Measure until the allowance is spent; ``cands[lo]`` passes (-1: the untiled model),
+        ``cands[hi]`` fails. Returns the lowest-peak pass found."""
+        while hi - lo > 1 and len(measured) < allowed[0]:
             # The lowest peak first (measured times need not rise along the frontier), then
             # halves.
             mid = hi - 1 if not measured else (lo + hi) // 2
@@ -256,7 +284,7 @@ def choose_measured(front: Frontier, ratio_of: Callable[[Plan, int], float], max
         # neighbours of falling peak ran 1.05x, 0.95x, 0.80x): what is left of the budget steps
         # past the last failure, to the lower-peak plans predicted fastest, the next ones along
         # the frontier.
-        while len(measured) < MAX_TUNED:
+        while len(measured) < allowed[0]:
             i = next((i for i in range(lo + 1, len(cands)) if i not in measured), None)
             if i is None:
                 break
@@ -285,7 +313,11 @@ def choose_measured(front: Frontier, ratio_of: Callable[[Plan, int], float], max
         if ratio <= limit or lo < 0:  # within the bound, or nothing passed (a fixed grid)
             break
         i = next(i for i, p in enumerate(cands) if p is chosen)
+        # The search's ratios taken against an untiled graph that has moved since are
+        # re-expressed against its time now, before they choose again.
+        _rebase(measured, _untiled_of(ratio))
         measured[i] = max(measured[i], ratio)  # it fails now: search on below it
+        allowed[0] += MORE_AFTER_FAILED
         lo = search(max((j for j, r in measured.items() if r <= limit), default=-1), i)
         chosen, ratio = _choose(cands, measured, lo, limit, untiled, plans[0], allow_untiled)
     if cache_key is not None:
