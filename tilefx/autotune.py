@@ -235,8 +235,10 @@ def choose_measured(front: Frontier, ratio_of: Callable[[Plan, int], float], max
                     _TUNED[cache_key] = kept
                     return _tuned(front, p, ratio)
     limit = 1 + max_overhead
-    # A plan within PEAK_TIE of the untiled peak would lose the choice to it (``_choose``):
-    # not worth measuring.
+    # A plan within PEAK_TIE of the untiled peak is no candidate: a tie with the untiled model
+    # goes to it, however the times would come out. A rewrite is for memory, and one that does
+    # not lower the peak is not worth its loops (Swin-S @384 was given eleven regions at the
+    # untiled peak, measured 2% faster).
     cands = [p for p in plans if any(p.rewrite)
              and p.time_s <= p.baseline_time_s * limit * SLACK
              and not (allow_untiled and untiled.peak_bytes <= p.peak_bytes * (1 + PEAK_TIE))]
@@ -357,12 +359,9 @@ def _choose(cands: list[Plan], measured: dict[int, float], lo: int, limit: float
         return (min(((cands[i], r) for i, r in measured.items()), key=lambda pr: pr[1])
                 if measured else (first, None))
     # Among the measured plans that pass, peaks within PEAK_TIE count as equal: the faster.
-    # A tie with the untiled model goes to the untiled model, however the times came out: a
-    # rewrite is for memory, and one that does not lower the peak is not worth its loops
-    # (Swin-S @384 was given eleven regions at the untiled peak, measured 2% faster).
+    # The untiled model never ties with them: plans within PEAK_TIE of its peak are no
+    # candidates (``choose_measured``), so a tie with it goes to it however the times came out.
     lowest = cands[lo].peak_bytes
-    if allow_untiled and untiled.peak_bytes <= lowest * (1 + PEAK_TIE):
-        return untiled, 1.0
     passing = [(cands[i], r) for i, r in measured.items() if r <= limit]
     return min(((p, r) for p, r in passing if p.peak_bytes <= lowest * (1 + PEAK_TIE)),
                key=lambda pr: (pr[1], pr[0].peak_bytes))
