@@ -314,7 +314,7 @@ def test_the_next_plan_verified_is_compared_with_the_baseline_the_last_verificat
 
 def test_a_tie_with_the_untiled_model_goes_to_it_even_when_the_plan_runs_faster():
     """A plan at the untiled peak (within PEAK_TIE) is not chosen however fast it measures,
-    and is not measured at all: Swin-S @384 was given eleven regions at the untiled peak
+    and is not measured at all: Swin-S @384 was given twelve regions at the untiled peak
     because they measured 2% faster than the untiled graph."""
     from tilefx.plans import PEAK_TIE
 
