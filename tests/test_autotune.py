@@ -344,7 +344,7 @@ def test_after_the_baseline_speeds_up_the_search_rebases_its_ratios_and_looks_hi
     to the higher-peak plans it had not measured."""
     n = 12
     front = _front([1.0] * n)
-    # A plan's own time holds still (in this model of it): the five highest peaks run 0.85 s, the next six 1.3 s
+    # A plan's own time holds still: the five highest peaks run 0.85 s, the next six 1.3 s
     # (1.0x against the untiled graph the search saw), the lowest peak 1.7 s.
     plan_s = {f"r{i}": (0.85 if i < 5 else 1.3 if i < n - 1 else 1.7) for i in range(n)}
     phase = {"untiled": 1.3}

@@ -41,11 +41,11 @@ runs, so the default choice measures instead of trusting the prediction near the
   more than :data:`BASELINE_MOVED` away from the search's, the plan is verified again, until
   two verifying runs agree (at most :data:`MAX_SETTLE` more runs), and the last one counts;
   where it then fails, the search's ratios taken against a baseline that has moved since are
-  re-expressed against the untiled time the process has now (``ratio * then / now``: the
-  plans' own times move much less than the untiled graph's), so the next choice is not made
-  from stale ratios (timm's vgg16 @512: plans searched at 0.89x-1.34x against a 1.05-1.43 s
-  untiled graph, verified at 1.27x-1.43x against a 1.0 s one; the plans' IQRs 8-50 ms, the
-  untiled graph's up to 370 ms);
+  re-expressed against the untiled time the process has now (``ratio * then / now``: a
+  plan's own time holds still while the untiled graph's moves), so the next choice is not
+  made from stale ratios (timm's vgg16 @512: each of the three plans verified ran within 5%
+  of its search time, 1.27-1.44 s, while the untiled graph fell from 1.2-1.4 s to 0.98-1.07
+  s between search and verification);
 * the chosen plan carries its measured time (``time_s`` = verified ratio x the predicted
   untiled time, ``tuned=True``), and the choice is kept with the node timings'
   key, per process and on disk (``tilefx.cache``), so planning the same model at the same
@@ -194,8 +194,8 @@ def _moved(now: float | None, was: float | None) -> bool:
 def _rebase(measured: dict[int, float], now: float | None) -> None:
     """Re-express the search's ratios taken against an untiled median more than
     BASELINE_MOVED from ``now`` (the latest verifying run's) against ``now``: a plan's own time
-    moves much less than the untiled graph's, which follows the heap's state (the module
-    docstring), so ``ratio * then / now`` is about what the plan would measure against the baseline the process
+    holds still while the untiled graph's moves with the heap's state (the module docstring),
+    so ``ratio * then / now`` is what the plan would measure against the baseline the process
     has now. Ratios without their untiled median are left as they are."""
     for i, r in list(measured.items()):
         then = _untiled_of(r)
