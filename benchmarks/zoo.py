@@ -56,13 +56,18 @@ def run(name: str, size: int) -> dict:
         want, got = model(x), gm(x)
     err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
     base, tiled = peak_memory(tilefx.prepare(model, x), x), peak_memory(gm, x)
-    # The plan's own words: its regions, and how many layers run on another primitive (a
-    # primitive choice alone lowers ViT-B/32's peak 7x with no region at all).
-    plan = p.label if p is not None else "in parts (tilefx.parts)"
+    plan = plan_words(p)
     # A model transformed part by part (tilefx.parts) has no one plan, so no prediction.
     pred = (p.baseline_peak_bytes, p.peak_bytes) if p is not None else None
     return dict(name=name, size=s, plan=plan, base=base, tiled=tiled, pred=pred, err=err,
                 plan_s=plan_s)
+
+
+def plan_words(p) -> str:
+    """The plan column: the plan's own words, its regions and how many layers run on another
+    primitive (a primitive choice alone lowers ViT-B/32's peak 7x with no region at all);
+    ``p`` None: a model transformed part by part (``tilefx.parts``), with no one plan."""
+    return p.label if p is not None else "in parts (tilefx.parts)"
 
 
 def prediction_errors(r: dict) -> tuple[float, float] | None:

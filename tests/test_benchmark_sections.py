@@ -141,3 +141,15 @@ def test_the_zoo_table_counts_its_peak_predictions_within_ten_percent():
     assert "Predicted vs measured peak: 2 of 4 within 10%; largest error 20.0% (b)." in text
     assert "| 100.0 / 21.0 | 0.0% / 5.0% |" in text
     assert "| c | 384 | `untiled` | 10.0 | 10.0 | 1.00x | - | - |" in text
+
+
+def test_the_zoo_names_a_primitive_only_plan_and_a_model_in_parts():
+    # ViT-B/32's default plan tiles nothing and moves its patch convolution to another
+    # primitive (9.1 -> 1.3 MiB): the zoo's plan column read "untiled". Pure text.
+    import zoo  # imports torch and torchvision, and measures nothing
+    from tilefx.plans import Plan
+
+    only = Plan((), 10, 60, 0.0, 1.0, 1.0, primitives=(("conv2d", "native"),))
+    assert zoo.plan_words(only) == "untiled; 1 layer(s) on another primitive"
+    assert zoo.plan_words(Plan((), 60, 60, 0.0, 1.0, 1.0)) == "untiled"
+    assert zoo.plan_words(None) == "in parts (tilefx.parts)"
