@@ -216,9 +216,9 @@ def choose_measured(front: Frontier, ratio_of: Callable[[Plan, int], float], max
     plans = list(front)  # highest peak first
     # The untiled model is the fallback that always runs within the bound (ratio 1). It is
     # off the frontier where the time model predicts a tiled plan faster (EfficientNet-B0
-    # @1024: 0.53x): then it is rebuilt from the frontier's baseline, never assumed to be the
-    # first plan.
-    untiled = next((p for p in plans if not any(p.rewrite)), None) or _untiled(plans[0])
+    # @1024: 0.53x): then it is the frontier's kept candidate, or where the frontier has
+    # none it is rebuilt from the frontier's baseline, never assumed to be the first plan.
+    untiled = front.untiled() or _untiled(plans[0])
     cache_key = None if key is None else (key, round(max_overhead, 6), allow_untiled)
     if cache_key is not None:
         # This process's choice, else one another process on this machine made and kept on

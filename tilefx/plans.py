@@ -244,6 +244,12 @@ class Frontier:
     def __len__(self) -> int:
         return len(self.plans)
 
+    def untiled(self) -> Plan | None:
+        """The untiled model among this frontier's candidates (kept there even where a plan
+        beats it on every count), or None where the frontier has none (a grid the user
+        fixed)."""
+        return next((p for p in self.candidates or self.plans if not any(p.rewrite)), None)
+
     def lowest_peak(self) -> Plan:
         """The plan with the lowest predicted peak (the last)."""
         return self._chosen(self.plans[-1])
@@ -302,11 +308,11 @@ class Frontier:
         ties = [p for p in pool if p.peak_bytes <= lowest * (1 + PEAK_TIE)]
         # A tie with the untiled model (where the frontier offers it) goes to the untiled
         # model, even where a tiled plan is predicted faster: a rewrite is for memory.
-        untiled = [p for p in self.candidates or self.plans if not any(p.rewrite)
-                   and (memory_budget is None
-                        or p.peak_bytes * (1 + BUDGET_MARGIN) <= memory_budget)]
-        if untiled and untiled[0].peak_bytes <= lowest * (1 + PEAK_TIE):
-            return self._chosen(untiled[0])
+        untiled = self.untiled()
+        if (untiled is not None and untiled.peak_bytes <= lowest * (1 + PEAK_TIE)
+                and (memory_budget is None
+                     or untiled.peak_bytes * (1 + BUDGET_MARGIN) <= memory_budget)):
+            return self._chosen(untiled)
         return self._chosen(min(ties, key=lambda p: (p.time_s, p.peak_bytes)))
 
     def _chosen(self, p: Plan) -> Plan:
