@@ -240,7 +240,7 @@ def choose_measured(front: Frontier, ratio_of: Callable[[Plan, int], float], max
     # goes to it, however the times would come out. A rewrite is for memory, and one that does
     # not lower the peak is not worth its loops (Swin-S @384 was given twelve regions at the
     # untiled peak, measured 2% faster).
-    cands = [p for p in plans if any(p.rewrite)
+    cands = [p for p in plans if not p.changes_nothing
              and p.time_s <= p.baseline_time_s * limit * SLACK
              and not (allow_untiled and untiled.peak_bytes <= p.peak_bytes * (1 + PEAK_TIE))]
     measured: dict[int, float] = {}
@@ -302,7 +302,7 @@ def choose_measured(front: Frontier, ratio_of: Callable[[Plan, int], float], max
     # the time a plan carries is measured again, independently; a plan over the bound then
     # is dropped for the next passing one.
     for attempt in range(MAX_VERIFIED + 1):
-        if not any(chosen.rewrite) or ratio is None:
+        if chosen.changes_nothing or ratio is None:
             break
         if attempt == MAX_VERIFIED:
             # Every plan verified ran over the bound: the untiled model, or (a grid the user
@@ -375,7 +375,7 @@ def _untiled(p: Plan) -> Plan:
 
 
 def _tuned(front: Frontier, p: Plan, ratio: float | None) -> Plan:
-    if not any(p.rewrite) or ratio is None:
+    if p.changes_nothing or ratio is None:
         # the untiled model (its time is the baseline's), or a plan never measured
         return replace(p, frontier=front)
     return replace(p, time_s=ratio * p.baseline_time_s, tuned=True, frontier=front)

@@ -157,6 +157,17 @@ class Plan:
         return (self.regions, self.recompute, self.primitives)
 
     @property
+    def changes_nothing(self) -> bool:
+        """Whether this is the model as captured: no region, no recomputed skip, no primitive.
+
+        >>> Plan((), 8, 8, 0.0, 1.0, 1.0).changes_nothing
+        True
+        >>> Plan((), 8, 1, 0.0, 1.0, 1.0, primitives=(("conv2d", "native"),)).changes_nothing
+        False
+        """
+        return not any(self.rewrite)
+
+    @property
     def every_primitive(self) -> dict[str, str]:
         """Every primitive the plan chooses, node -> primitive: the untiled layers'
         (``primitives``) and those inside its regions (``RegionChoice.primitives``)."""
@@ -235,7 +246,7 @@ class Frontier:
         # The untiled model stays a candidate even where a plan beats it on every count: a
         # tie with it in peak goes to it (:meth:`choose`).
         cands = _undominated(plans)
-        cands += [p for p in plans if not any(p.rewrite) and p not in cands][:1]
+        cands += [p for p in plans if p.changes_nothing and p not in cands][:1]
         return cls(tuple(kept), tuple(cands))
 
     def __iter__(self) -> Iterator[Plan]:
@@ -248,7 +259,7 @@ class Frontier:
         """The untiled model among this frontier's candidates (kept there even where a plan
         beats it on every count), or None where the frontier has none (a grid the user
         fixed)."""
-        return next((p for p in self.candidates or self.plans if not any(p.rewrite)), None)
+        return next((p for p in self.candidates or self.plans if p.changes_nothing), None)
 
     def lowest_peak(self) -> Plan:
         """The plan with the lowest predicted peak (the last)."""

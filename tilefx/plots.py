@@ -287,7 +287,7 @@ def plot_pareto(plan: Any, *, ax: Any = None, budget: int | None = None, title: 
         if len(taken) - 2 >= annotate:
             break
         p = points[i]
-        if not any(p.rewrite) or p.rewrite == plan.rewrite or not all(far((xs[i], ys[i]), t) for t in taken):
+        if p.changes_nothing or p.rewrite == plan.rewrite or not all(far((xs[i], ys[i]), t) for t in taken):
             continue
         letter = "ABCDEFGHIJ"[len(taken) - 2]
         ax.annotate(letter, (xs[i], ys[i]), textcoords="offset points", xytext=(4, 5),
